@@ -1,0 +1,36 @@
+"""The few places where Keras backends differ for Weight Evolution."""
+
+import keras
+from keras import ops
+
+
+def stable_argsort(x):
+    """`argsort` along the last axis that keeps tied items in index order.
+
+    Forward matching pairs items by rank, so tied scores (dead filters are
+    all zero) must rank the same way on every backend. JAX and PyTorch sort
+    stably through `keras.ops.argsort`; TensorFlow needs to be asked.
+    """
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.argsort(x, axis=-1, stable=True)
+    return ops.argsort(x, axis=-1)
+
+
+def compile_function(function):
+    """Compiles a pure tensor function where the backend allows it.
+
+    JAX uses `jax.jit` and TensorFlow `tf.function`; PyTorch runs eagerly,
+    since `torch.compile` costs far more than the step it would speed up.
+    """
+    name = keras.backend.backend()
+    if name == "jax":
+        import jax
+
+        return jax.jit(function)
+    if name == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(function, reduce_retracing=True)
+    return function

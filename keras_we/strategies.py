@@ -1,0 +1,231 @@
+"""The four strategies of Weight Evolution, as pure functions over tensors.
+
+Global selection, local selection, forward matching and crossover, in the
+terms of Lin et al., "Weight Evolution" (ACM MM 2021) and of `SPEC.md`.
+Every function takes and returns backend tensors and uses `keras.ops` only,
+so the same code runs eagerly, under `jax.jit` and inside `tf.function`.
+
+Conv kernels are handled in a canonical *filter layout* `(S, C, O)`: `S`
+spatial positions in row-major order, `C` input channels of one filter and
+`O` filters (see `filter_layout`). BatchNorm gamma and beta are plain
+vectors of `O` items.
+"""
+
+import math
+
+from keras import ops
+
+from keras_we.backend_utils import stable_argsort
+
+CROSSOVER_MODES = ("paper", "reference")
+
+
+# ---------------------------------------------------------------- layouts
+
+
+def filter_layout(kernel, depthwise=False):
+    """Reshapes a Keras conv kernel to the filter layout `(S, C, O)`.
+
+    A regular (or grouped) kernel `(*spatial, cin_per_group, cout)` has
+    `cout` filters of `cin_per_group` channels. A depthwise kernel
+    `(*spatial, cin, depth_multiplier)` has `cin * depth_multiplier` filters
+    of one channel each, filter `c * depth_multiplier + m` being
+    `kernel[..., c, m]`, which is what a row-major reshape gives.
+    """
+    shape = tuple(kernel.shape)
+    spatial = math.prod(shape[:-2])
+    if depthwise:
+        return ops.reshape(kernel, (spatial, 1, shape[-2] * shape[-1]))
+    return ops.reshape(kernel, (spatial, shape[-2], shape[-1]))
+
+
+def uses_filter_crossover(kernel_shape, mode):
+    """Whether a kernel takes the filter-level crossover path.
+
+    The paper blends whole filters of 1x1 kernels. The public code tests
+    only the first spatial size, so a `1 x k` kernel also takes that path in
+    `reference` mode.
+    """
+    spatial = tuple(kernel_shape[:-2])
+    if mode == "reference":
+        return spatial[0] == 1
+    return math.prod(spatial) == 1
+
+
+# ---------------------------------------------------------------- scores
+
+
+def filter_scores(filters):
+    """L1 norm of each filter divided by its number of input channels."""
+    channels = filters.shape[1]
+    return ops.sum(ops.abs(filters), axis=(0, 1)) / channels
+
+
+def entry_scores(values):
+    """Score of BatchNorm entries: their magnitude."""
+    return ops.abs(values)
+
+
+# ------------------------------------------------------ global selection
+
+
+def threshold_position(count, ratio):
+    """Index of the global threshold among `count` ascending scores.
+
+    `floor(count * ratio)`, clamped to the last item. Computed on the host
+    in float64 so that it matches the public code exactly; a float32 product
+    can land on the wrong side of an integer.
+    """
+    return min(int(math.floor(count * float(ratio))), count - 1)
+
+
+def global_threshold(scores, position):
+    """Global selection: the score at `position` of all scores, ascending.
+
+    Items scoring at least this threshold are *globally important*.
+    """
+    return ops.take(ops.sort(scores), position)
+
+
+# ------------------------------------------------------- local selection
+
+
+def local_counts(scores, threshold, local_ratio):
+    """Local selection counts of one layer.
+
+    Returns `(important, weak)`: the number of globally important items and
+    the number of items scoring at most `local_ratio` times the layer's best.
+    """
+    important = ops.sum(ops.cast(scores >= threshold, "int32"))
+    weak = ops.sum(ops.cast(scores <= local_ratio * ops.max(scores), "int32"))
+    return important, weak
+
+
+def inferior_count(size, important, weak, counter, starvation_limit):
+    """How many of a layer's items are inferior, and the updated counter.
+
+    A layer whose items are all globally important is left alone and does
+    not touch the counter. Otherwise a layer with no locally weak item is
+    *starved*: the counter grows, and once it reaches `starvation_limit`
+    (the integer ceiling of `K / force_divisor`) one item is evolved anyway
+    and the counter restarts. A layer with weak items resets the counter.
+
+    Args:
+        size: number of items `n` in the layer (a Python int).
+        important: globally important items `g` (int tensor).
+        weak: locally weak items `L` (int tensor).
+        counter: starvation counter carried from the previous layer.
+        starvation_limit: a Python int.
+
+    Returns:
+        `(k, counter)` with `k = min(L, n - g)` after forcing.
+    """
+    evolvable = important < size
+    starved = ops.logical_and(evolvable, weak == 0)
+    counter = ops.where(evolvable, ops.where(weak == 0, counter + 1, 0), counter)
+    forced = ops.logical_and(starved, counter >= starvation_limit)
+    weak = ops.where(forced, 1, weak)
+    counter = ops.where(forced, 0, counter)
+    count = ops.where(evolvable, ops.minimum(weak, size - important), 0)
+    return count, counter
+
+
+# ------------------------------------------------------ forward matching
+
+
+def forward_pairs(scores, count):
+    """Forward matching: pairs the best dominant item with the best inferior.
+
+    With the layer's items ranked by descending score (ties in index order),
+    the last `count` are inferior and the rest dominant; the dominant item
+    of rank `i` is paired with the inferior one of rank `n - count + i`, for
+    `i < min(count, n - count)`.
+
+    Returns:
+        `(partner, paired)`: for every item, the index of its dominant
+        partner and whether it is an inferior item that has one. `partner`
+        is meaningful only where `paired` is true.
+    """
+    size = scores.shape[0]
+    order = stable_argsort(-scores)
+    rank = ops.argsort(order)
+    offset = rank - (size - count)
+    paired = ops.logical_and(offset >= 0, offset < ops.minimum(count, size - count))
+    partner = ops.take(order, ops.clip(offset, 0, size - 1))
+    return partner, paired
+
+
+# -------------------------------------------------------------- crossover
+
+
+def blend(x, y, weight_x, weight_y):
+    """`a * x + (1 - a) * y` with `a = weight_x / (weight_x + weight_y)`.
+
+    Returns the blend and where it is valid: a zero denominator or a
+    non-finite result (the public code writes NaN or inf there) is invalid
+    and callers keep the old value.
+    """
+    total = weight_x + weight_y
+    safe_total = ops.where(total == 0, ops.ones_like(total), total)
+    a = weight_x / safe_total
+    mixed = a * x + (1 - a) * y
+    valid = ops.logical_and(total != 0, ops.isfinite(mixed))
+    return mixed, valid
+
+
+def entry_crossover(values, partner, paired):
+    """Crossover of BatchNorm entries: `J <- a*J + (1-a)*D`, `a = |J|/(|J|+|D|)`."""
+    dominant = ops.take(values, partner)
+    mixed, valid = blend(values, dominant, ops.abs(values), ops.abs(dominant))
+    return ops.where(ops.logical_and(paired, valid), mixed, values)
+
+
+def filter_crossover(filters, partner, paired):
+    """Crossover of whole filters: `J <- a*J + (1-a)*D`, `a = L1(J)/(L1(J)+L1(D))`."""
+    norms = ops.sum(ops.abs(filters), axis=(0, 1))
+    dominant = ops.take(filters, partner, axis=2)
+    mixed, valid = blend(filters, dominant, norms, ops.take(norms, partner))
+    return ops.where(ops.logical_and(paired, valid), mixed, filters)
+
+
+def element_crossover(filters, partner, paired, mode="paper"):
+    """Crossover of single elements, one per input channel of each filter.
+
+    For each channel, `l` is the dominant filter's element of largest
+    magnitude and `s` the inferior filter's element of smallest magnitude
+    (the first in row-major order on ties). Every element of the inferior
+    channel equal to `s` becomes
+
+    - `paper`: `a*s + (1-a)*l` with `a = |s| / (|s| + |l|)`, the paper's
+      Fig. 1: the weak element moves most of the way to the strong one;
+    - `reference`: `l*a + s*(1-a)` with `a = s / (s + l)`, signed, which is
+      what the public code computes (`2sl / (s+l)`, about `2s`).
+    """
+    dominant = ops.take(filters, partner, axis=2)
+    largest = _first_extreme(dominant, largest=True)
+    smallest = _first_extreme(filters, largest=False)
+    if mode == "paper":
+        value, valid = blend(smallest, largest, ops.abs(smallest), ops.abs(largest))
+    else:
+        # The public code swaps the roles of the two elements in its blend.
+        value, valid = blend(largest, smallest, smallest, largest)
+    chosen = ops.logical_and(paired, valid)
+    replace = ops.logical_and(filters == smallest, chosen)
+    return ops.where(replace, value, filters)
+
+
+def _first_extreme(filters, largest):
+    """Per (channel, filter): the first element of largest/smallest magnitude.
+
+    Spelled out instead of `argmax` because TensorFlow does not promise which
+    index of a tie `argmax` returns.
+    """
+    magnitude = ops.abs(filters)
+    if largest:
+        target = ops.max(magnitude, axis=0, keepdims=True)
+    else:
+        target = ops.min(magnitude, axis=0, keepdims=True)
+    size = filters.shape[0]
+    positions = ops.reshape(ops.arange(size, dtype="int32"), (size, 1, 1))
+    first = ops.min(ops.where(magnitude == target, positions, size), axis=0)
+    return ops.take_along_axis(filters, first[None], axis=0)[0]
