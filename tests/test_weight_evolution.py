@@ -333,3 +333,24 @@ def test_nested_model_and_separable_layers_are_found():
     assert moved[separable.pointwise_kernel.path]
     assert report.conv_evolved >= 2
     assert set(state) == {"conv_counter", "gamma_counter", "beta_counter"}
+
+
+def test_evolved_weights_survive_the_training_loop():
+    """With a zero learning rate, fit + callback equals evolve() by hand: the
+    backends' training loops (JAX keeps its own copy of the state) keep what
+    the callback wrote."""
+    fitted, by_hand = small_cnn(), small_cnn()
+    fitted.compile(optimizer=keras.optimizers.SGD(0.0), loss=fitted.loss)
+    x, y = toy_data()
+    fitted.fit(x, y, epochs=3, verbose=0, callbacks=[keras_we.WeightEvolution(evolve_last_epoch=True)])
+    state = None
+    for epoch in range(3):
+        _, state = keras_we.evolve(by_hand, epoch, state)
+    for a, b in zip(fitted.trainable_weights, by_hand.trainable_weights):
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b), rtol=1e-6, atol=1e-7
+        )
+    assert any(
+        (keras.ops.convert_to_numpy(a) != keras.ops.convert_to_numpy(b)).any()
+        for a, b in zip(small_cnn().trainable_weights, by_hand.trainable_weights)
+    )

@@ -1,0 +1,137 @@
+"""How long one Weight Evolution step takes, next to one training step.
+
+Runs each backend in its own process and prints a markdown table: per model,
+the median evolution step time (after the compiling first call) and its
+ratio to one SGD training step at batch 128 of the same model.
+
+Weights are made to look trained: every filter and BatchNorm entry is
+scaled by 10**U(-3, 0), so scores spread over three decades, and 5% of them
+are scaled by 1e-6 (nearly dead).
+
+    python benchmarks/evolution_speed.py                   # all backends
+    python benchmarks/evolution_speed.py --backends jax --models resnet56
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+MODELS = ("resnet56", "mobilenet_v2")
+
+
+def trained_looking(model, seed=0):
+    import keras
+    import numpy as np
+
+    from keras_we.evolution import find_targets
+
+    rng = np.random.default_rng(seed)
+    for target in find_targets(model):
+        value = keras.ops.convert_to_numpy(target.variable)
+        items = value.reshape(-1, value.shape[-1]).shape[-1] if target.group == "conv" else value.shape[0]
+        scale = 10.0 ** rng.uniform(-3, 0, size=items)
+        scale[rng.random(items) < 0.05] = 1e-6
+        if target.group != "conv":
+            value = value + rng.normal(0.5, 0.2, size=value.shape)
+        target.variable.assign((value * scale).astype(value.dtype))
+
+
+def timed(function, repeats):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(name, input_shape, batch_size, repeats):
+    import keras
+    import numpy as np
+
+    import keras_we
+    from keras_we.evolution import EvolutionOptions, Evolver
+
+    model = keras_we.models.get(name, classes=10 if input_shape[0] == 32 else 1000, input_shape=input_shape)
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    trained_looking(model)
+    classes = model.output_shape[-1]
+    x = np.random.default_rng(0).normal(size=(batch_size, *input_shape)).astype("float32")
+    y = np.arange(batch_size) % classes
+    model.train_on_batch(x, y)  # builds and compiles the training step
+    train = timed(lambda: model.train_on_batch(x, y), repeats)
+
+    evolver = Evolver(model, EvolutionOptions())
+    state = {"conv_counter": 0, "gamma_counter": 0, "beta_counter": 0}
+    start = time.perf_counter()
+    report, state = evolver(30, state)
+    first = time.perf_counter() - start
+    step = timed(lambda: evolver(30, state), max(repeats, 5))
+    return {
+        "model": name,
+        "input": "x".join(map(str, input_shape[:2])),
+        "train_step_s": train,
+        "evolution_step_s": step,
+        "first_call_s": first,
+        "ratio": step / train,
+        "filters_evolved": report.conv_evolved,
+    }
+
+
+def worker(args):
+    import keras
+
+    rows = []
+    for name in args.models:
+        shape = (224, 224, 3) if name in BIG_INPUT else (32, 32, 3)
+        row = measure(name, shape, args.batch_size, args.repeats)
+        row["backend"] = keras.backend.backend()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+
+BIG_INPUT = ("ResNet50", "EfficientNetB0")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backends", default="tensorflow,jax,torch")
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.models = args.models.split(",")
+    if args.worker:
+        return worker(args)
+
+    rows = []
+    for backend in args.backends.split(","):
+        command = [sys.executable, __file__, "--worker", "--models", ",".join(args.models),
+                   "--batch-size", str(args.batch_size), "--repeats", str(args.repeats)]
+        env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+        output = subprocess.run(command, env=env, capture_output=True, text=True)
+        if output.returncode:
+            print(output.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"backend {backend} failed")
+        rows += [json.loads(line) for line in output.stdout.splitlines() if line.startswith("{")]
+
+    print(f"| backend | model | input | train step (batch {args.batch_size}) | evolution step | ratio | first call (compile) | filters evolved |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['backend']} | {r['model']} | {r['input']} | {r['train_step_s'] * 1000:.0f} ms "
+            f"| {r['evolution_step_s'] * 1000:.1f} ms | {r['ratio']:.4f} | {r['first_call_s']:.2f} s "
+            f"| {r['filters_evolved']} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

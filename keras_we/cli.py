@@ -1,0 +1,104 @@
+"""The `keras-we` command (also `python -m keras_we`).
+
+    keras-we train   --model resnet56 --method we-paper --epochs 200 --seed 0 --out DIR
+    keras-we compare --model resnet20 --methods baseline,we-paper,we-reference \
+                     --seeds 0,1,2 --epochs 6 --train-size 10000 --test-size 2000 --out DIR
+    keras-we compare --preset cpu --out DIR
+"""
+
+import argparse
+import dataclasses
+import sys
+
+from keras_we import experiments
+
+
+def _int_list(text):
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers; got {text!r}") from None
+
+
+def _choices_list(choices):
+    def parse(text):
+        values = tuple(v for v in text.split(",") if v)
+        unknown = [v for v in values if v not in choices]
+        if unknown or not values:
+            raise argparse.ArgumentTypeError(
+                f"unknown {unknown or text!r}; choose from {', '.join(choices)}"
+            )
+        return values
+
+    return parse
+
+
+def _positive(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer; got {text}")
+    return value
+
+
+def build_parser():
+    from keras_we import models
+
+    parser = argparse.ArgumentParser(prog="keras-we", description="Weight Evolution experiments.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def common(sub):
+        sub.add_argument("--model", help=f"one of {', '.join(models.names())}, or a keras.applications name")
+        sub.add_argument("--dataset", choices=tuple(experiments.DATASETS))
+        sub.add_argument("--epochs", type=_positive)
+        sub.add_argument("--train-size", type=_positive, help="stratified training subset")
+        sub.add_argument("--test-size", type=_positive, help="stratified test subset")
+        sub.add_argument("--batch-size", type=_positive)
+        sub.add_argument("--data-dir", help="a .npz or a folder with cifar10.npz / cifar100.npz "
+                         "(default: $KERAS_WE_DATA_DIR, else keras.datasets)")
+        sub.add_argument("--out", required=True, help="output folder")
+        sub.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    train = commands.add_parser("train", help="train one run")
+    common(train)
+    train.add_argument("--method", choices=tuple(experiments.METHODS), default="we-paper")
+    train.add_argument("--seed", type=int, default=0)
+
+    compare = commands.add_parser("compare", help="paired runs of several methods and seeds")
+    common(compare)
+    compare.add_argument("--preset", choices=tuple(experiments.PRESETS),
+                         help="a named setting; explicit options override it")
+    compare.add_argument("--methods", type=_choices_list(tuple(experiments.METHODS)))
+    compare.add_argument("--seeds", type=_int_list)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    options = dict(experiments.PRESETS["paper"])
+    if getattr(args, "preset", None):
+        options.update(experiments.PRESETS[args.preset])
+    for key in ("model", "dataset", "methods", "seeds", "epochs", "train_size", "test_size", "batch_size"):
+        value = getattr(args, key, None)
+        if value is not None:
+            options[key] = value
+    if args.command == "train":
+        options.update(methods=(args.method,), seeds=(args.seed,))
+    verbose = 0 if args.quiet else 1
+    try:
+        configs = experiments.plan(data_dir=args.data_dir, **options)
+        experiments.check_data(configs[0])
+    except (ValueError, TypeError, OSError) as error:
+        print(f"keras-we: error: {error}", file=sys.stderr)
+        return 2
+    if args.command == "train":
+        record = experiments.train_run(configs[0], args.out, verbose=verbose)
+        print(f"final test top-1 {100 * record['final_test_accuracy']:.2f}%, "
+              f"best {100 * record['best_test_accuracy']:.2f}% -> {args.out}")
+    else:
+        summary = experiments.compare(configs, args.out, verbose=verbose)
+        print(experiments.format_table(summary["table"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

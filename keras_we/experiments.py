@@ -1,0 +1,317 @@
+"""Does Weight Evolution improve my network? Paired runs and their summary.
+
+`train_run` trains one model with one method and one seed under the paper's
+recipe and writes everything to a run folder; `compare` runs every method
+for every seed (resuming where an interrupted call stopped) and writes
+`summary.json`, a table and plots. The `keras-we` command is a thin layer
+over these functions.
+
+Runs with the same seed share the initial weights, the data subset, the
+data order and the augmentations, so the difference between two methods at
+one seed is a paired difference, free of most seed-to-seed noise.
+"""
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import shutil
+import statistics
+
+import keras
+
+from keras_we import data as data_lib
+from keras_we import models
+from keras_we.recipe import Recipe
+from keras_we.validation import check_choice, check_int
+from keras_we.weight_evolution import WeightEvolution
+
+METHODS = {"baseline": None, "we-paper": "paper", "we-reference": "reference"}
+DATASETS = {"cifar10": 10, "cifar100": 100}
+RUN_FILE = "run.json"
+EVOLVED_KEYS = ("we_conv_evolved", "we_gamma_evolved", "we_beta_evolved")
+
+PRESETS = {
+    # Chosen so that 3 methods x 3 seeds finish within an hour on 2 CPU
+    # cores; see README for the measurements behind it.
+    "cpu": dict(
+        model="resnet20",
+        dataset="cifar10",
+        methods=("baseline", "we-paper", "we-reference"),
+        seeds=(0, 1, 2),
+        epochs=6,
+        train_size=10000,
+        test_size=2000,
+        batch_size=128,
+    ),
+    # The paper's protocol, for a GPU.
+    "paper": dict(
+        model="resnet56",
+        dataset="cifar10",
+        methods=("baseline", "we-paper", "we-reference"),
+        seeds=(0, 1, 2),
+        epochs=200,
+        train_size=None,
+        test_size=None,
+        batch_size=128,
+    ),
+}
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """One training run: a model, a method and a seed."""
+
+    model: str = "resnet20"
+    dataset: str = "cifar10"
+    method: str = "baseline"
+    seed: int = 0
+    epochs: int = 200
+    train_size: int = None
+    test_size: int = None
+    batch_size: int = 128
+    data_dir: str = None
+
+    def __post_init__(self):
+        if self.model not in models.names() and not models.is_application(self.model):
+            raise ValueError(
+                f"`model` must be one of {', '.join(models.names())} or a "
+                f"keras.applications name; got {self.model!r}."
+            )
+        check_choice("dataset", self.dataset, tuple(DATASETS))
+        check_choice("method", self.method, tuple(METHODS))
+        check_int("seed", self.seed, minimum=0)
+        check_int("epochs", self.epochs, minimum=1)
+        check_int("batch_size", self.batch_size, minimum=1)
+        for name in ("train_size", "test_size"):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), minimum=1)
+
+    @property
+    def name(self):
+        return f"{self.model}_{self.method}_seed{self.seed}"
+
+    def recipe(self):
+        return Recipe(epochs=self.epochs, batch_size=self.batch_size)
+
+
+def load_data(config):
+    """The run's data, as uint8 arrays: `(x_train, y_train), (x_test, y_test)`."""
+    return data_lib.load_cifar(
+        config.dataset,
+        data_dir=config.data_dir,
+        train_size=config.train_size,
+        test_size=config.test_size,
+    )
+
+
+def check_data(config):
+    """Fails early, with the data module's message, if the data is missing
+    or the subset sizes are out of range."""
+    load_data(config)
+
+
+def train_run(config, out_dir, verbose=1):
+    """Trains one run under the paper's recipe, resuming if interrupted.
+
+    Writes to `out_dir`: `history.csv` (one row per epoch), `model.keras`
+    and `run.json` (config, final and best test accuracy, history). A folder
+    that already holds `run.json` is finished and is returned as it is.
+
+    Returns:
+        The run record (the content of `run.json`).
+    """
+    finished = os.path.join(out_dir, RUN_FILE)
+    if os.path.exists(finished):
+        with open(finished) as f:
+            return json.load(f)
+    os.makedirs(out_dir, exist_ok=True)
+    recipe = config.recipe()
+    (x_train, y_train), (x_test, y_test) = load_data(config)
+    train = data_lib.CifarSequence(
+        x_train, y_train, batch_size=recipe.batch_size, augment=True, shuffle=True, seed=config.seed
+    )
+    test = data_lib.CifarSequence(x_test, y_test, batch_size=500, augment=False, shuffle=False)
+
+    keras.utils.set_random_seed(config.seed)
+    model = models.get(config.model, classes=DATASETS[config.dataset], input_shape=x_train.shape[1:])
+    model.compile(
+        optimizer=recipe.optimizer(),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    callbacks = []
+    crossover = METHODS[config.method]
+    if crossover is not None:
+        callbacks.append(
+            WeightEvolution(
+                crossover=crossover,
+                schedule=recipe.we_schedule(),
+                backup_dir=os.path.join(out_dir, "we_state"),
+            )
+        )
+    callbacks += recipe.callbacks()
+    callbacks += [
+        # After WeightEvolution, so the backup holds the evolved weights.
+        keras.callbacks.BackupAndRestore(os.path.join(out_dir, "backup")),
+        keras.callbacks.CSVLogger(os.path.join(out_dir, "history.csv"), append=True),
+    ]
+    model.fit(train, validation_data=test, epochs=recipe.epochs, callbacks=callbacks, verbose=verbose)
+    model.save(os.path.join(out_dir, "model.keras"))
+
+    history = read_history(os.path.join(out_dir, "history.csv"))
+    record = {
+        **dataclasses.asdict(config),
+        "final_test_accuracy": history["test_accuracy"][-1],
+        "best_test_accuracy": max(history["test_accuracy"]),
+        "history": history,
+    }
+    with open(finished + ".tmp", "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(finished + ".tmp", finished)
+    shutil.rmtree(os.path.join(out_dir, "we_state"), ignore_errors=True)
+    return record
+
+
+def read_history(path):
+    """Per-epoch history from a run's CSV log, one value per epoch."""
+    rows = {}
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            rows[int(row["epoch"])] = row  # a resumed epoch keeps its last row
+    epochs = sorted(rows)
+    columns = {
+        "train_loss": "loss",
+        "train_accuracy": "accuracy",
+        "test_loss": "val_loss",
+        "test_accuracy": "val_accuracy",
+        "learning_rate": "learning_rate",
+    }
+    history = {"epoch": epochs}
+    for name, key in columns.items():
+        history[name] = [float(rows[e][key]) for e in epochs]
+    evolved = [sum(float(rows[e].get(k) or 0) for k in EVOLVED_KEYS) for e in epochs]
+    history["items_evolved"] = [int(v) for v in evolved]
+    for key in EVOLVED_KEYS:
+        history[key[3:]] = [int(float(rows[e].get(key) or 0)) for e in epochs]
+    return history
+
+
+def plan(model, dataset, methods, seeds, epochs, train_size=None, test_size=None,
+         batch_size=128, data_dir=None):
+    """The validated runs of a comparison: every method for every seed."""
+    if not methods or not seeds:
+        raise ValueError("`methods` and `seeds` must each name at least one.")
+    return [
+        RunConfig(model, dataset, method, seed, epochs, train_size, test_size, batch_size, data_dir)
+        for seed in seeds
+        for method in methods
+    ]
+
+
+def compare(configs, out_dir, verbose=1):
+    """Runs `configs` (see `plan`) and summarizes them in `out_dir`.
+
+    Finished runs (their `run.json` exists) are kept as they are; an
+    interrupted run resumes from its last finished epoch.
+
+    Returns:
+        The summary dict also written to `out_dir/summary.json`.
+    """
+    runs = []
+    for i, config in enumerate(configs, 1):
+        if verbose:
+            print(f"[{i}/{len(configs)}] {config.name}", flush=True)
+        runs.append(train_run(config, os.path.join(out_dir, "runs", config.name), verbose=verbose))
+    return summarize(runs, out_dir)
+
+
+def summarize(runs, out_dir):
+    """Writes `summary.json`, `table.md`, `table.csv` and the PNG plots."""
+    table = summary_table(runs)
+    summary = {"runs": runs, "table": table}
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    with open(os.path.join(out_dir, "table.md"), "w") as f:
+        f.write(format_table(table))
+    with open(os.path.join(out_dir, "table.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(table[0]))
+        writer.writeheader()
+        writer.writerows(table)
+    plot_runs(runs, out_dir)
+    return summary
+
+
+def summary_table(runs):
+    """Final and best top-1 per method, mean and std over seeds, with the
+    paired difference to the baseline (same seed)."""
+    by_method = {}
+    for run in runs:
+        by_method.setdefault(run["method"], {})[run["seed"]] = run
+    baseline = by_method.get("baseline", {})
+    rows = []
+    for method, seeded in by_method.items():
+        row = {"method": method, "seeds": len(seeded)}
+        for metric in ("final_test_accuracy", "best_test_accuracy"):
+            values = [100 * r[metric] for r in seeded.values()]
+            row[f"{metric}_mean"] = statistics.mean(values)
+            row[f"{metric}_std"] = _std(values)
+            paired = [
+                100 * (r[metric] - baseline[s][metric]) for s, r in seeded.items() if s in baseline
+            ]
+            row[f"{metric}_diff_mean"] = statistics.mean(paired) if paired else math.nan
+            row[f"{metric}_diff_std"] = _std(paired) if paired else math.nan
+        rows.append(row)
+    return rows
+
+
+def _std(values):
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def format_table(table):
+    """The summary table as markdown (top-1 in %, mean ± std over seeds)."""
+    lines = [
+        "| method | seeds | final top-1 | paired diff (final) | best top-1 | paired diff (best) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in table:
+        cells = [r["method"], str(r["seeds"])]
+        for metric in ("final_test_accuracy", "best_test_accuracy"):
+            cells.append(f"{r[f'{metric}_mean']:.2f} ± {r[f'{metric}_std']:.2f}")
+            diff = r[f"{metric}_diff_mean"]
+            cells.append(
+                "—" if r["method"] == "baseline" or math.isnan(diff)
+                else f"{diff:+.2f} ± {r[f'{metric}_diff_std']:.2f}"
+            )
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_runs(runs, out_dir):
+    """`test_accuracy.png` and `items_evolved.png`: one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for key, label, name in (
+        ("test_accuracy", "test top-1", "test_accuracy.png"),
+        ("items_evolved", "items evolved (filters + BN entries)", "items_evolved.png"),
+    ):
+        figure, axis = plt.subplots(figsize=(6, 4))
+        colors = {}
+        for run in runs:
+            color = colors.setdefault(run["method"], f"C{len(colors)}")
+            history = run["history"]
+            axis.plot([e + 1 for e in history["epoch"]], history[key], color=color,
+                      label=run["method"] if run["method"] not in axis.get_legend_handles_labels()[1] else None)
+        axis.set_xlabel("epoch")
+        axis.set_ylabel(label)
+        axis.set_title(f"{runs[0]['model']} on {runs[0]['dataset']}")
+        axis.legend()
+        figure.tight_layout()
+        figure.savefig(os.path.join(out_dir, name), dpi=100)
+        plt.close(figure)
