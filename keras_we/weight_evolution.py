@@ -1,7 +1,9 @@
 """The `WeightEvolution` Keras callback."""
 
+import inspect
 import json
 import os
+import warnings
 
 import keras
 
@@ -137,6 +139,7 @@ class WeightEvolution(keras.callbacks.Callback):
     # ------------------------------------------------------------ protocol
 
     def on_train_begin(self, logs=None):
+        self._check_order()
         if self._evolver is None or self._evolver.model is not self.model:
             self._evolver = Evolver(self.model, self.options)
         self._first_epoch = True
@@ -165,6 +168,20 @@ class WeightEvolution(keras.callbacks.Callback):
         if self.backup_dir is not None:
             self._write_backup(epoch)
 
+    def _check_order(self):
+        # Callbacks run in list order: a backup taken before this callback
+        # runs holds the weights from before the evolution.
+        savers = (keras.callbacks.BackupAndRestore, keras.callbacks.ModelCheckpoint)
+        early = [type(c).__name__ for c in _callbacks_before(self) if isinstance(c, savers)]
+        if early:
+            warnings.warn(
+                f"{', '.join(early)} come(s) before WeightEvolution in the callbacks "
+                "list, so it saves the weights from before each evolution and a "
+                "resumed run will differ. Put WeightEvolution before them.",
+                UserWarning,
+                stacklevel=3,
+            )
+
     def _should_evolve(self, epoch):
         if epoch < self.start_epoch or (epoch - self.start_epoch) % self.frequency:
             return False
@@ -192,3 +209,19 @@ class WeightEvolution(keras.callbacks.Callback):
         with open(path + ".tmp", "w") as f:
             json.dump({"states": {str(e): s for e, s in self._saved_states.items()}}, f)
         os.replace(path + ".tmp", path)
+
+
+def _callbacks_before(callback):
+    """The callbacks that Keras runs before `callback` in the current `fit`.
+
+    A callback is not told its place in the list, so this looks up the
+    `CallbackList` that is calling it; outside `fit` there is none.
+    """
+    frame = inspect.currentframe()
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, keras.callbacks.CallbackList):
+            callbacks = owner.callbacks
+            return callbacks[: callbacks.index(callback)] if callback in callbacks else []
+        frame = frame.f_back
+    return []

@@ -10,43 +10,7 @@ import numpy as np
 import pytest
 
 import keras_we
-
-
-def small_cnn(seed=0):
-    """A tiny CNN whose first conv has some dead (all-zero) filters."""
-    keras.utils.set_random_seed(seed)
-    model = keras.Sequential(
-        [
-            keras.Input((8, 8, 3)),
-            keras.layers.Conv2D(8, 3, padding="same", use_bias=False),
-            keras.layers.BatchNormalization(),
-            keras.layers.ReLU(),
-            keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False),
-            keras.layers.BatchNormalization(),
-            keras.layers.ReLU(),
-            keras.layers.Conv2D(16, 1, use_bias=False),
-            keras.layers.GlobalAveragePooling2D(),
-            keras.layers.Dense(3),
-        ]
-    )
-    kernel = model.layers[0].kernel
-    weak = keras.ops.convert_to_numpy(kernel).copy()
-    weak[..., :3] *= 1e-3  # three inferior filters
-    kernel.assign(weak)
-    model.compile(
-        optimizer=keras.optimizers.SGD(0.01),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
-    return model
-
-
-def toy_data(n=32, seed=0):
-    rng = np.random.default_rng(seed)
-    return rng.normal(size=(n, 8, 8, 3)).astype("float32"), rng.integers(0, 3, n)
-
-
-def kernels(model):
-    return [keras.ops.convert_to_numpy(w).copy() for w in model.weights]
+from tests.utils import kernels, small_cnn, toy_data
 
 
 def test_fit_evolves_and_logs_figures(tmp_path):

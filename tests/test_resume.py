@@ -1,0 +1,118 @@
+"""Interrupted runs resume exactly; saved models reload exactly."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+
+import keras_we
+from tests.utils import kernels, small_cnn, toy_data
+
+EPOCHS = 4
+
+
+class Interrupt(Exception):
+    pass
+
+
+class InterruptAfter(keras.callbacks.Callback):
+    """Stops the process (as a crash would) after an epoch ends."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise Interrupt()
+
+
+def deterministic():
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+
+
+def train(backup_dir, interrupt_after=None):
+    deterministic()
+    model = small_cnn()
+    model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), loss=model.loss)
+    evolution = keras_we.WeightEvolution(backup_dir=backup_dir)
+    callbacks = [evolution, keras.callbacks.BackupAndRestore(backup_dir)]
+    if interrupt_after is not None:
+        callbacks.append(InterruptAfter(interrupt_after))
+    x, y = toy_data(64)
+    model.fit(x, y, epochs=EPOCHS, batch_size=16, shuffle=False, verbose=0, callbacks=callbacks)
+    return model, evolution
+
+
+@pytest.mark.parametrize("interrupt_after", [0, 2])
+def test_interrupted_run_resumes_bit_identically(tmp_path, interrupt_after):
+    straight, straight_we = train(str(tmp_path / "straight"))
+
+    backup = str(tmp_path / "interrupted")
+    with pytest.raises(Interrupt):
+        train(backup, interrupt_after=interrupt_after)
+    assert os.path.exists(os.path.join(backup, "weight_evolution_state.json"))
+    resumed, resumed_we = train(backup)
+
+    assert resumed_we.get_state() == straight_we.get_state()
+    for a, b in zip(kernels(straight), kernels(resumed)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_counters_are_restored_not_restarted(tmp_path):
+    """Starved layers make the counters non-zero; a resumed run must carry them."""
+    backup = str(tmp_path / "b")
+    model = keras.Sequential(
+        [keras.Input((6, 6, 2))] + [keras.layers.Conv2D(4, 3, padding="same", use_bias=False) for _ in range(6)]
+    )
+    for layer in model.layers:  # all filters equal: no layer is locally weak
+        layer.kernel.assign(np.ones(layer.kernel.shape, "float32"))
+    model.layers[0].kernel.assign(np.full(model.layers[0].kernel.shape, 0.5, "float32"))
+    # r = 0.5 * sigmoid(0) = 0.25 of 24 filters: the threshold is 1.0, so only
+    # the first layer is below it, and it is starved (nothing locally weak).
+    callback = keras_we.WeightEvolution(conv_ratio=0.5, backup_dir=backup)
+    callback.set_model(model)
+    callback.set_params({"epochs": 5})
+    callback.on_train_begin()
+    for epoch in range(2):
+        callback.on_epoch_begin(epoch)
+        callback.on_epoch_end(epoch, {})
+    saved = callback.get_state()
+    assert saved["conv_counter"] == 2
+    fresh = keras_we.WeightEvolution(conv_ratio=0.5, backup_dir=backup)
+    fresh.set_model(model)
+    fresh.on_train_begin()
+    fresh.on_epoch_begin(2)
+    assert fresh.get_state() == saved
+
+
+def test_model_saved_mid_run_reloads_with_identical_weights(tmp_path):
+    path = str(tmp_path / "mid.keras")
+
+    class SaveAt(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                self.model.save(path)
+                self.saved = kernels(self.model)
+
+    model = small_cnn()
+    saver = SaveAt()
+    x, y = toy_data()
+    model.fit(x, y, epochs=3, verbose=0, callbacks=[keras_we.WeightEvolution(), saver])
+    reloaded = keras.saving.load_model(path)
+    for a, b in zip(saver.saved, kernels(reloaded)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_warns_when_placed_after_backup_callbacks(tmp_path):
+    model = small_cnn()
+    x, y = toy_data()
+    with pytest.warns(UserWarning, match="before"):
+        model.fit(
+            x, y, epochs=1, verbose=0,
+            callbacks=[keras.callbacks.BackupAndRestore(str(tmp_path)), keras_we.WeightEvolution()],
+        )
