@@ -74,7 +74,7 @@ class RunConfig:
     data_dir: str = None
 
     def __post_init__(self):
-        if self.model not in models.names() and not models.is_application(self.model):
+        if self.model not in models.names() + models.application_names():
             raise ValueError(
                 f"`model` must be one of {', '.join(models.names())} or a "
                 f"keras.applications name; got {self.model!r}."
@@ -129,8 +129,10 @@ def train_run(config, out_dir, verbose=1):
     os.makedirs(out_dir, exist_ok=True)
     recipe = config.recipe()
     (x_train, y_train), (x_test, y_test) = load_data(config)
+    backup_dir = os.path.join(out_dir, "backup")
     train = data_lib.CifarSequence(
-        x_train, y_train, batch_size=recipe.batch_size, augment=True, shuffle=True, seed=config.seed
+        x_train, y_train, batch_size=recipe.batch_size, augment=True, shuffle=True,
+        seed=config.seed, initial_epoch=_resumed_epoch(backup_dir),
     )
     test = data_lib.CifarSequence(x_test, y_test, batch_size=500, augment=False, shuffle=False)
 
@@ -154,7 +156,7 @@ def train_run(config, out_dir, verbose=1):
     callbacks += recipe.callbacks()
     callbacks += [
         # After WeightEvolution, so the backup holds the evolved weights.
-        keras.callbacks.BackupAndRestore(os.path.join(out_dir, "backup")),
+        keras.callbacks.BackupAndRestore(backup_dir),
         keras.callbacks.CSVLogger(os.path.join(out_dir, "history.csv"), append=True),
     ]
     model.fit(train, validation_data=test, epochs=recipe.epochs, callbacks=callbacks, verbose=verbose)
@@ -172,6 +174,16 @@ def train_run(config, out_dir, verbose=1):
     os.replace(finished + ".tmp", finished)
     shutil.rmtree(os.path.join(out_dir, "we_state"), ignore_errors=True)
     return record
+
+
+def _resumed_epoch(backup_dir):
+    # BackupAndRestore resumes at the epoch its metadata names; the data
+    # order must resume there too, so the run stays paired with the others.
+    path = os.path.join(backup_dir, "training_metadata.json")
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        return int(json.load(f)["epoch"])
 
 
 def read_history(path):
