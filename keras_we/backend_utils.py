@@ -18,19 +18,22 @@ def stable_argsort(x):
     return ops.argsort(x, axis=-1)
 
 
-def compile_function(function):
+def compile_function(function, static_argnums=()):
     """Compiles a pure tensor function where the backend allows it.
 
-    JAX uses `jax.jit` and TensorFlow `tf.function`; PyTorch runs eagerly,
-    since `torch.compile` costs far more than the step it would speed up.
+    JAX uses `jax.jit` and TensorFlow `tf.function`, both of which compile
+    once per input shape; arguments at `static_argnums` are Python values
+    (TensorFlow treats non-tensor arguments as static by itself). PyTorch
+    runs eagerly, since `torch.compile` costs far more than the step it
+    would speed up.
     """
     name = keras.backend.backend()
     if name == "jax":
         import jax
 
-        return jax.jit(function)
+        return jax.jit(function, static_argnums=static_argnums)
     if name == "tensorflow":
         import tensorflow as tf
 
-        return tf.function(function, reduce_retracing=True)
+        return tf.function(function)
     return function

@@ -8,11 +8,13 @@ call it directly.
 """
 
 import dataclasses
+import functools
 import math
 import warnings
 import weakref
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_we import strategies
@@ -203,7 +205,7 @@ def _built(layer, variable):
 
 
 class Evolver:
-    """Runs evolution steps on one model; compiled once, reused every epoch."""
+    """Runs evolution steps on one model, reusing its compiled pieces."""
 
     def __init__(self, model, options):
         if not model.built:
@@ -227,8 +229,6 @@ class Evolver:
                 UserWarning,
                 stacklevel=3,
             )
-        self._find_nonfinite = compile_function(_nonfinite_flags)
-        self._steps = {}
 
     def __call__(self, epoch, state):
         """Evolves the model after `epoch`; returns `(report, new_state)`."""
@@ -238,9 +238,27 @@ class Evolver:
         if not self.kernel_count:
             return report, state
 
-        variables = [t.variable for t in self.targets]
-        nonfinite = ops.convert_to_numpy(self._find_nonfinite([v.value for v in variables]))
-        report.skipped = [t.path for t, bad in zip(self.targets, nonfinite) if bad]
+        new_state = dict(state)
+        for group in GROUPS:
+            targets = [t for t in self.targets if t.group == group]
+            if not targets:
+                continue
+            new_values, counter, evolved, changed, skipped = evolve_group(
+                [t.variable.value for t in targets],
+                [_crossover_name(t, self.options.crossover) for t in targets],
+                ratios[group],
+                state[f"{group}_counter"],
+                self.options.local_ratio,
+                self.starvation_limit,
+                depthwise=[t.depthwise for t in targets],
+            )
+            for target, value in zip(targets, new_values):
+                if value is not None:
+                    target.variable.assign(value)
+            new_state[f"{group}_counter"] = counter
+            setattr(report, f"{group}_evolved", evolved)
+            report.changed_elements += changed
+            report.skipped += [targets[i].path for i in skipped]
         if report.skipped:
             warnings.warn(
                 "Weight Evolution skipped variables holding NaN or inf: "
@@ -248,140 +266,209 @@ class Evolver:
                 RuntimeWarning,
                 stacklevel=2,
             )
-        active = tuple(i for i, bad in enumerate(nonfinite) if not bad)
-        groups = {g: [i for i in active if self.targets[i].group == g] for g in GROUPS}
-
-        positions, counters = [], []
-        for group in GROUPS:
-            count = sum(self._item_count(i) for i in groups[group])
-            positions.append(strategies.threshold_position(count, ratios[group]) if count else 0)
-            counters.append(state[f"{group}_counter"])
-        step = self._step_for(active)
-        outputs = step(
-            [variables[i].value for i in active],
-            ops.convert_to_tensor(positions, "int32"),
-            ops.convert_to_tensor(counters, "int32"),
-        )
-        new_values, new_counters, evolved, changed = outputs
-        for i, value in zip(active, new_values):
-            variables[i].assign(value)
-
-        new_counters = ops.convert_to_numpy(new_counters).tolist()
-        evolved = ops.convert_to_numpy(evolved).tolist()
-        new_state = {f"{g}_counter": int(c) for g, c in zip(GROUPS, new_counters)}
-        for group, count in zip(GROUPS, evolved):
-            setattr(report, f"{group}_evolved", int(count))
-        report.changed_elements = int(ops.convert_to_numpy(changed))
         return report, new_state
 
-    def _item_count(self, index):
-        target = self.targets[index]
-        shape = target.variable.shape
-        if target.group != "conv":
-            return shape[0]
-        return shape[-2] * shape[-1] if target.depthwise else shape[-1]
 
-    def _step_for(self, active):
-        # One compiled function per set of finite variables; normally one.
-        if active not in self._steps:
-            targets = [self.targets[i] for i in active]
-            self._steps[active] = compile_function(self._make_step(targets))
-        return self._steps[active]
-
-    def _make_step(self, targets):
-        options = self.options
-        limit = self.starvation_limit
-
-        def step(values, positions, counters):
-            new_values = list(values)
-            new_counters, evolved = [], []
-            for g, group in enumerate(GROUPS):
-                members = [i for i, t in enumerate(targets) if t.group == group]
-                if not members:
-                    new_counters.append(counters[g])
-                    evolved.append(ops.convert_to_tensor(0, "int32"))
-                    continue
-                views = [_item_view(targets[i], values[i]) for i in members]
-                crossovers = [_crossover_for(targets[i], options.crossover) for i in members]
-                results, counter, count = evolve_group(
-                    views, crossovers, positions[g], counters[g], options.local_ratio, limit
-                )
-                for i, result in zip(members, results):
-                    new_values[i] = _from_view(result, values[i])
-                new_counters.append(counter)
-                evolved.append(count)
-            changed = sum(
-                ops.sum(ops.cast(new != old, "int32")) for new, old in zip(new_values, values)
-            )
-            return new_values, ops.stack(new_counters), ops.stack(evolved), changed
-
-        return step
-
-
-def evolve_group(items, crossovers, position, counter, local_ratio, starvation_limit):
+def evolve_group(items, crossovers, ratio, counter, local_ratio, starvation_limit, depthwise=None):
     """The four strategies over one group: all conv kernels, gammas or betas.
 
+    The scalar bookkeeping (threshold position, starvation counter) runs on
+    the host. The tensor work runs in compiled functions over *buckets*:
+    layers of the same layout, filter shape and crossover, concatenated
+    along the filter axis, so that a model costs a few calls, not a few per
+    layer. Buckets are capped in size to bound the memory a step needs.
+
     Args:
-        items: one tensor per layer, in traversal order: filter layouts
-            `(S, C, O)` for conv kernels, vectors for BatchNorm.
-        crossovers: for each item, `(item, partner, paired) -> item`.
-        position: index of the global threshold among the group's sorted
-            scores (see `strategies.threshold_position`).
+        items: one tensor per layer, in traversal order: conv kernels in
+            Keras layout, or BatchNorm vectors.
+        crossovers: for each item, a name from `CROSSOVERS`.
+        ratio: the selection ratio `r(e)` of this group.
         counter: the starvation counter before the first layer.
         local_ratio: local selection fraction of a layer's best score.
         starvation_limit: the integer ceiling of `K / force_divisor`.
+        depthwise: for each item, whether it is a depthwise kernel.
 
     Returns:
-        `(new_items, counter, evolved)`: the evolved tensors, the counter
-        after the last layer and the number of inferior items rewritten.
+        `(new_items, counter, evolved, changed, skipped)`: the new tensors
+        (None where nothing changed), the counter after the last layer, the
+        number of inferior items rewritten, the number of values changed and
+        the indices of items skipped for holding NaN or inf.
     """
-    scores = [_scores(item) for item in items]
-    threshold = strategies.global_threshold(ops.concatenate(scores), position)
-    results, evolved = [], 0
-    for item, item_scores, crossover in zip(items, scores, crossovers):
-        important, weak = strategies.local_counts(item_scores, threshold, local_ratio)
-        count, counter = strategies.inferior_count(
-            item_scores.shape[0], important, weak, counter, starvation_limit
-        )
-        partner, paired = strategies.forward_pairs(item_scores, count)
-        results.append(crossover(item, partner, paired))
-        evolved = evolved + ops.sum(ops.cast(paired, "int32"))
-    return results, counter, evolved
+    depthwise = depthwise or [False] * len(items)
+    layouts = [
+        "entry" if name == "entry" else "depthwise" if dw else "conv"
+        for name, dw in zip(crossovers, depthwise)
+    ]
+    buckets = _buckets(items, layouts, crossovers)
+    members = [i for bucket in buckets for i in bucket]  # concatenation order
+    sizes = [_item_count(items[i], layouts[i]) for i in members]
 
+    # Scores (NaN/inf tensors score +inf, last in every sort) and finiteness.
+    scored = [
+        _compiled(_bucket_scores)([items[i] for i in bucket], layouts[bucket[0]])
+        for bucket in buckets
+    ]
+    finite = np.concatenate([ops.convert_to_numpy(flags) for _, flags in scored])
+    finite = dict(zip(members, finite.tolist()))
+    scores = ops.concatenate([bucket_scores for bucket_scores, _ in scored])
 
-def _scores(item):
-    if len(item.shape) == 3:
-        return strategies.filter_scores(item)
-    return strategies.entry_scores(item)
-
-
-def _item_view(target, value):
-    # Scores accumulate in float32 at least, also for float16 variables.
-    if keras.backend.standardize_dtype(value.dtype) != "float64":
-        value = ops.cast(value, "float32")
-    if target.group == "conv":
-        return strategies.filter_layout(value, target.depthwise)
-    return value
-
-
-def _from_view(result, old):
-    result = ops.cast(ops.reshape(result, old.shape), old.dtype)
-    # A value that fits float32 may overflow a narrower variable dtype.
-    return ops.where(ops.isfinite(result), result, old)
-
-
-def _crossover_for(target, mode):
-    if target.group != "conv":
-        return strategies.entry_crossover
-    if strategies.uses_filter_crossover(target.variable.shape, mode):
-        return strategies.filter_crossover
-    return lambda filters, partner, paired: strategies.element_crossover(
-        filters, partner, paired, mode
+    # Global and local selection, all layers' counts in one transfer.
+    finite_count = sum(n for i, n in zip(members, sizes) if finite[i])
+    position = strategies.threshold_position(finite_count, ratio) if finite_count else 0
+    layer_ids = np.repeat(np.arange(len(members), dtype="int32"), sizes)
+    important, weak = _compiled(_selection)(
+        scores,
+        ops.convert_to_tensor(position, "int32"),
+        local_ratio,
+        ops.convert_to_tensor(layer_ids),
+        len(members),
     )
+    counts = dict(zip(members, zip(ops.convert_to_numpy(important).tolist(),
+                                   ops.convert_to_numpy(weak).tolist())))
+
+    # The starvation counter runs through the layers in traversal order.
+    inferior = {}
+    for i, (item, layout) in enumerate(zip(items, layouts)):
+        if finite[i]:
+            size = _item_count(item, layout)
+            inferior[i], counter = strategies.inferior_count(size, *counts[i], counter, starvation_limit)
+
+    # Forward matching and crossover, one call per bucket that evolves.
+    new_items, evolved, changed = [None] * len(items), 0, []
+    pairs = {i: min(k, _item_count(items[i], layouts[i]) - k) for i, k in inferior.items()}
+    for bucket in buckets:
+        if not any(pairs.get(i, 0) for i in bucket):
+            continue
+        results, bucket_changed = _compiled(_bucket_evolve)(
+            [items[i] for i in bucket],
+            ops.convert_to_tensor([inferior.get(i, 0) for i in bucket], "int32"),
+            layouts[bucket[0]],
+            crossovers[bucket[0]],
+        )
+        for i, result in zip(bucket, results):
+            if pairs.get(i, 0):
+                new_items[i] = result
+                evolved += pairs[i]
+        changed.append((bucket, bucket_changed))
+    changed = sum(
+        c for bucket, counts in changed
+        for i, c in zip(bucket, ops.convert_to_numpy(counts).tolist()) if pairs.get(i, 0)
+    )
+    skipped = [i for i in range(len(items)) if not finite[i]]
+    return new_items, counter, evolved, int(changed), skipped
 
 
-def _nonfinite_flags(values):
-    return ops.stack([ops.logical_not(ops.all(ops.isfinite(v))) for v in values])
+CROSSOVERS = {
+    "entry": strategies.entry_crossover,
+    "filter": strategies.filter_crossover,
+    "element-paper": functools.partial(strategies.element_crossover, mode="paper"),
+    "element-reference": functools.partial(strategies.element_crossover, mode="reference"),
+}
+
+# Buckets hold at most this many values, or one layer if it is larger, so
+# a step's extra memory stays a small multiple of the largest kernel.
+BUCKET_VALUES = 2**20
+
+
+def _crossover_name(target, mode):
+    if target.group != "conv":
+        return "entry"
+    if strategies.uses_filter_crossover(target.variable.shape, mode):
+        return "filter"
+    return f"element-{mode}"
+
+
+def _item_count(item, layout):
+    shape = tuple(item.shape)
+    return shape[-2] * shape[-1] if layout == "depthwise" else shape[-1]
+
+
+def _buckets(items, layouts, crossovers):
+    """Groups layers that can be concatenated along the filter axis."""
+    open_buckets, buckets = {}, []
+    for i, (item, layout, crossover) in enumerate(zip(items, layouts, crossovers)):
+        shape = tuple(item.shape)
+        rows = shape[:-2] if layout == "depthwise" else shape[:-1]
+        key = (layout, crossover, math.prod(rows), str(item.dtype))
+        if layout == "conv":
+            key += (shape[-2],)
+        bucket = open_buckets.get(key)
+        if bucket is None or bucket[1] + math.prod(shape) > BUCKET_VALUES:
+            bucket = open_buckets[key] = [[], 0]
+            buckets.append(bucket[0])
+        bucket[0].append(i)
+        bucket[1] += math.prod(shape)
+    return buckets
+
+
+def _bucket_view(values, layout):
+    """A bucket's layers side by side in filter layout (or one BN vector)."""
+    if layout == "entry":
+        views = values
+    else:
+        views = [strategies.filter_layout(v, depthwise=layout == "depthwise") for v in values]
+    sizes = [view.shape[-1] for view in views]
+    layer_ids = np.repeat(np.arange(len(views), dtype="int32"), sizes)
+    return ops.concatenate(views, axis=-1), sizes, layer_ids
+
+
+def _compute_dtype(values):
+    # Scores accumulate in float32 at least, also for float16 variables.
+    dtype = keras.backend.standardize_dtype(values.dtype)
+    return "float64" if dtype == "float64" else "float32"
+
+
+def _view_scores(view):
+    if len(view.shape) == 1:
+        return strategies.entry_scores(view)
+    return strategies.filter_scores(view)
+
+
+def _bucket_scores(values, layout):
+    """Scores of a bucket's items, +inf for layers holding NaN or inf, and
+    whether each layer is finite."""
+    view, sizes, layer_ids = _bucket_view(values, layout)
+    finite_items = ops.isfinite(view)
+    if len(view.shape) > 1:
+        finite_items = ops.all(finite_items, axis=(0, 1))
+    finite = ops.segment_min(ops.cast(finite_items, "int32"), layer_ids, num_segments=len(sizes)) > 0
+    scores = _view_scores(ops.cast(view, _compute_dtype(view)))
+    return ops.where(ops.take(finite, layer_ids), scores, float("inf")), finite
+
+
+def _selection(scores, position, local_ratio, layer_ids, layers):
+    threshold = strategies.global_threshold(scores, position)
+    return strategies.local_counts(scores, threshold, local_ratio, layer_ids, layers)
+
+
+def _bucket_evolve(values, counts, layout, crossover):
+    """Forward matching and crossover of a bucket's layers, `counts[l]`
+    inferior items in layer `l`; returns the new tensors and how many
+    values of each changed."""
+    view, sizes, layer_ids = _bucket_view(values, layout)
+    filters = ops.cast(view, _compute_dtype(view))
+    partner, paired = strategies.forward_pairs(_view_scores(filters), counts, layer_ids, sizes)
+    result = ops.cast(CROSSOVERS[crossover](filters, partner, paired), view.dtype)
+    # A value that fits float32 may overflow a narrower variable dtype.
+    result = ops.where(ops.isfinite(result), result, view)
+    moved = ops.cast(result != view, "int32")
+    if len(view.shape) > 1:
+        moved = ops.sum(moved, axis=(0, 1))
+    changed = ops.segment_sum(moved, layer_ids, num_segments=len(sizes))
+    parts = ops.split(result, np.cumsum(sizes)[:-1].tolist(), axis=-1) if len(values) > 1 else [result]
+    return [ops.reshape(part, value.shape) for part, value in zip(parts, values)], changed
+
+
+@functools.cache
+def _compiled_for(function, backend):
+    return compile_function(function, static_argnums=_STATIC_ARGS.get(function, ()))
+
+
+def _compiled(function):
+    return _compiled_for(function, keras.backend.backend())
+
+
+_STATIC_ARGS = {_bucket_scores: (1,), _selection: (4,), _bucket_evolve: (2, 3)}
 
 
 # ---------------------------------------------------------------- evolve()

@@ -13,6 +13,7 @@ vectors of `O` items.
 
 import math
 
+import numpy as np
 from keras import ops
 
 from keras_we.backend_utils import stable_argsort
@@ -90,15 +91,26 @@ def global_threshold(scores, position):
 # ------------------------------------------------------- local selection
 
 
-def local_counts(scores, threshold, local_ratio):
-    """Local selection counts of one layer.
+def local_counts(scores, threshold, local_ratio, layer_ids=None, layers=1):
+    """Local selection counts, per layer.
 
-    Returns `(important, weak)`: the number of globally important items and
-    the number of items scoring at most `local_ratio` times the layer's best.
+    Several layers may be scored together: `scores` then concatenates their
+    items and `layer_ids` gives each item's layer, `0 .. layers - 1`.
+
+    Returns:
+        `(important, weak)`, two int vectors of length `layers`: the number
+        of globally important items (`score >= threshold`) and of locally weak
+        ones (`score <= local_ratio * best score of the layer`).
     """
-    important = ops.sum(ops.cast(scores >= threshold, "int32"))
-    weak = ops.sum(ops.cast(scores <= local_ratio * ops.max(scores), "int32"))
-    return important, weak
+    if layer_ids is None:
+        layer_ids = ops.zeros(scores.shape, "int32")
+    best = ops.segment_max(scores, layer_ids, num_segments=layers)
+    weak = scores <= local_ratio * ops.take(best, layer_ids)
+    important = scores >= threshold
+    return (
+        ops.segment_sum(ops.cast(important, "int32"), layer_ids, num_segments=layers),
+        ops.segment_sum(ops.cast(weak, "int32"), layer_ids, num_segments=layers),
+    )
 
 
 def inferior_count(size, important, weak, counter, starvation_limit):
@@ -109,49 +121,65 @@ def inferior_count(size, important, weak, counter, starvation_limit):
     *starved*: the counter grows, and once it reaches `starvation_limit`
     (the integer ceiling of `K / force_divisor`) one item is evolved anyway
     and the counter restarts. A layer with weak items resets the counter.
+    This is scalar bookkeeping, carried from layer to layer on the host.
 
     Args:
-        size: number of items `n` in the layer (a Python int).
-        important: globally important items `g` (int tensor).
-        weak: locally weak items `L` (int tensor).
+        size: number of items `n` in the layer.
+        important: globally important items `g`.
+        weak: locally weak items `L`.
         counter: starvation counter carried from the previous layer.
-        starvation_limit: a Python int.
+        starvation_limit: the counter value that forces an evolution.
 
     Returns:
-        `(k, counter)` with `k = min(L, n - g)` after forcing.
+        `(k, counter)` with `k = min(L, n - g)` after forcing, as ints.
     """
-    evolvable = important < size
-    starved = ops.logical_and(evolvable, weak == 0)
-    counter = ops.where(evolvable, ops.where(weak == 0, counter + 1, 0), counter)
-    forced = ops.logical_and(starved, counter >= starvation_limit)
-    weak = ops.where(forced, 1, weak)
-    counter = ops.where(forced, 0, counter)
-    count = ops.where(evolvable, ops.minimum(weak, size - important), 0)
-    return count, counter
+    size, important, weak, counter = int(size), int(important), int(weak), int(counter)
+    if important == size:
+        return 0, counter
+    if weak == 0:
+        counter += 1
+        if counter >= starvation_limit:
+            weak, counter = 1, 0
+    else:
+        counter = 0
+    return min(weak, size - important), counter
 
 
 # ------------------------------------------------------ forward matching
 
 
-def forward_pairs(scores, count):
+def forward_pairs(scores, counts, layer_ids=None, sizes=None):
     """Forward matching: pairs the best dominant item with the best inferior.
 
-    With the layer's items ranked by descending score (ties in index order),
-    the last `count` are inferior and the rest dominant; the dominant item
-    of rank `i` is paired with the inferior one of rank `n - count + i`, for
-    `i < min(count, n - count)`.
+    Within a layer of `n` items ranked by descending score (ties in index
+    order), the last `k` are inferior and the rest dominant; the dominant
+    item of rank `i` is paired with the inferior one of rank `n - k + i`,
+    for `i < min(k, n - k)`.
+
+    Several layers may be matched at once, each within itself: `scores`
+    concatenates them in order, `layer_ids` gives each item's layer,
+    `sizes` (Python ints) each layer's `n` and `counts` each layer's `k`.
+    With `layer_ids=None` all items form one layer and `counts` is its `k`.
 
     Returns:
         `(partner, paired)`: for every item, the index of its dominant
         partner and whether it is an inferior item that has one. `partner`
         is meaningful only where `paired` is true.
     """
-    size = scores.shape[0]
+    if layer_ids is None:
+        layer_ids = ops.zeros(scores.shape, "int32")
+        sizes = (scores.shape[0],)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype("int32")
+    # Best first within each layer: sort by score, then (stably) by layer.
     order = stable_argsort(-scores)
-    rank = ops.argsort(order)
+    order = ops.take(order, stable_argsort(ops.take(layer_ids, order)))
+    start = ops.take(starts, layer_ids)
+    size = ops.take(np.asarray(sizes, "int32"), layer_ids)
+    count = ops.take(ops.reshape(counts, (-1,)), layer_ids)
+    rank = ops.argsort(order) - start
     offset = rank - (size - count)
     paired = ops.logical_and(offset >= 0, offset < ops.minimum(count, size - count))
-    partner = ops.take(order, ops.clip(offset, 0, size - 1))
+    partner = ops.take(order, start + ops.clip(offset, 0, size - 1))
     return partner, paired
 
 

@@ -18,7 +18,7 @@ from keras_we import strategies
 from keras_we.evolution import evolve_group
 
 SETTINGS = settings(
-    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 
 
@@ -42,19 +42,16 @@ def kernel_stacks(draw):
 
 
 def run_group(kernels, ratio, mode, counter=0, local_ratio=0.1, limit=1):
+    """`evolve_group` on kernels given in filter layout (Conv1D-shaped)."""
     tensors = [keras.ops.convert_to_tensor(k) for k in kernels]
-    crossovers = [
-        strategies.filter_crossover
-        if k.shape[0] == 1
-        else (lambda f, p, q: strategies.element_crossover(f, p, q, mode))
-        for k in kernels
-    ]
-    total = sum(k.shape[-1] for k in kernels)
-    position = strategies.threshold_position(total, ratio)
-    results, counter, evolved = evolve_group(
-        tensors, crossovers, position, counter, local_ratio, limit
+    crossovers = ["filter" if k.shape[0] == 1 else f"element-{mode}" for k in kernels]
+    results, counter, evolved, changed, skipped = evolve_group(
+        tensors, crossovers, ratio, counter, local_ratio, limit
     )
-    return [keras.ops.convert_to_numpy(r) for r in results], int(counter), int(evolved)
+    assert skipped == []
+    results = [k if r is None else keras.ops.convert_to_numpy(r) for k, r in zip(kernels, results)]
+    assert changed == sum(int((r != k).sum()) for r, k in zip(results, kernels))
+    return results, counter, evolved
 
 
 def scores_of(kernel):
