@@ -244,7 +244,9 @@ class Evolver:
             if not targets:
                 continue
             new_values, counter, evolved, changed, skipped = evolve_group(
-                [t.variable.value for t in targets],
+                # Tensors, not variables: tf.function would take two
+                # MirroredVariables of one shape for the same input.
+                [ops.convert_to_tensor(t.variable) for t in targets],
                 [_crossover_name(t, self.options.crossover) for t in targets],
                 ratios[group],
                 state[f"{group}_counter"],
