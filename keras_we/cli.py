@@ -7,7 +7,7 @@
 """
 
 import argparse
-import dataclasses
+import os
 import sys
 
 from keras_we import experiments
@@ -74,28 +74,31 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    options = dict(experiments.PRESETS["paper"])
-    if getattr(args, "preset", None):
-        options.update(experiments.PRESETS[args.preset])
-    for key in ("model", "dataset", "methods", "seeds", "epochs", "train_size", "test_size", "batch_size"):
+    preset = dict(experiments.PRESETS[getattr(args, "preset", None) or "paper"])
+    models = (args.model,) if args.model else preset.pop("models")
+    preset.pop("models", None)
+    for key in ("dataset", "methods", "seeds", "epochs", "train_size", "test_size", "batch_size"):
         value = getattr(args, key, None)
         if value is not None:
-            options[key] = value
+            preset[key] = value
     if args.command == "train":
-        options.update(methods=(args.method,), seeds=(args.seed,))
+        preset.update(methods=(args.method,), seeds=(args.seed,))
     verbose = 0 if args.quiet else 1
     try:
-        configs = experiments.plan(data_dir=args.data_dir, **options)
-        experiments.check_data(configs[0])
+        plans = {model: experiments.plan(model=model, data_dir=args.data_dir, **preset) for model in models}
+        experiments.check_data(next(iter(plans.values()))[0])
     except (ValueError, TypeError, OSError) as error:
         print(f"keras-we: error: {error}", file=sys.stderr)
         return 2
     if args.command == "train":
-        record = experiments.train_run(configs[0], args.out, verbose=verbose)
+        record = experiments.train_run(plans[models[0]][0], args.out, verbose=verbose)
         print(f"final test top-1 {100 * record['final_test_accuracy']:.2f}%, "
               f"best {100 * record['best_test_accuracy']:.2f}% -> {args.out}")
-    else:
-        summary = experiments.compare(configs, args.out, verbose=verbose)
+        return 0
+    for model, configs in plans.items():
+        out = args.out if len(plans) == 1 else os.path.join(args.out, model)
+        summary = experiments.compare(configs, out, verbose=verbose)
+        print(f"\n{model} on {preset['dataset']}, {preset['epochs']} epochs:")
         print(experiments.format_table(summary["table"]))
     return 0
 

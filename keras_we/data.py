@@ -181,7 +181,15 @@ def _load_arrays(name, data_dir):
 
 
 def _load_npz(path, name):
-    with np.load(path) as npz:
+    try:
+        npz = np.load(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"Cannot read {path} as a .npz file: {e}") from e
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise ValueError(
+            f"{path} is not a .npz file of the arrays {list(_ARRAY_KEYS)}."
+        )
+    with npz:
         missing = [key for key in _ARRAY_KEYS if key not in npz.files]
         if missing:
             raise ValueError(

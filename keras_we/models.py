@@ -8,8 +8,9 @@
     Evolving Inferior Weight Values. ACM Multimedia 2021.
 
 with the same layers, the same number of trainable parameters and the same
-initialization as that code. Any other name is looked up in
-`keras.applications` (`"ResNet50"`, `"MobileNetV2"`, `"EfficientNetB0"`, ...).
+weight initialization as that code (biases start at zero here). Any other
+name is looked up in `keras.applications` (`"ResNet50"`, `"MobileNetV2"`,
+`"EfficientNetB0"`, ...).
 
 Every model returns logits (no softmax), so compile it with e.g.
 `keras.losses.SparseCategoricalCrossentropy(from_logits=True)`.
@@ -24,8 +25,9 @@ Conventions shared by the bundled models, chosen to match PyTorch:
   sampling grid by one pixel.
 - Weights start as in PyTorch: the ResNets use Kaiming-normal (fan-in,
   untruncated) for convolution and dense kernels; the other networks use
-  PyTorch's default `U(-1/sqrt(fan_in), 1/sqrt(fan_in))`. Biases and
-  BatchNorm shifts start at zero, BatchNorm scales at one.
+  PyTorch's default `U(-1/sqrt(fan_in), 1/sqrt(fan_in))`. Biases (which
+  PyTorch draws like the weights) and BatchNorm shifts start at zero,
+  BatchNorm scales at one.
 
 The models expect `"channels_last"` images. They use only built-in Keras
 layers plus the two layers defined here (`ZeroPadShortcut`,
@@ -35,6 +37,7 @@ been imported.
 """
 
 import difflib
+import numbers
 
 import keras
 from keras import initializers
@@ -661,32 +664,40 @@ def application_names():
     )
 
 
+def is_application(name):
+    """Whether `name` is the exact name of a `keras.applications` model."""
+    return name in application_names()
+
+
 def get(name, classes=10, input_shape=(32, 32, 3)):
     """Returns a new, uncompiled model by name.
 
     Bundled models (see `names()` and the builders of this module):
 
-    | name            | architecture                         | params |
-    |-----------------|--------------------------------------|-------:|
-    | `resnet20`      | CIFAR ResNet, 3 x 3 basic blocks     |   0.27M |
-    | `resnet32`      | CIFAR ResNet, 3 x 5 basic blocks     |   0.46M |
-    | `resnet44`      | CIFAR ResNet, 3 x 7 basic blocks     |   0.66M |
-    | `resnet56`      | CIFAR ResNet, 3 x 9 basic blocks     |   0.85M |
-    | `resnet110`     | CIFAR ResNet, 3 x 18 basic blocks    |   1.73M |
-    | `mobilenet_v1`  | MobileNetV1, CIFAR strides           |   3.22M |
-    | `mobilenet_v2`  | MobileNetV2, CIFAR strides           |   2.30M |
-    | `shufflenet_v1` | ShuffleNet V1, 3 groups              |   0.93M |
-    | `vgg16`         | VGG16 with BatchNorm                 |  14.73M |
-    | `vgg19`         | VGG19 with BatchNorm                 |  20.04M |
+    | name            | architecture                      | parameters |
+    |-----------------|-----------------------------------|-----------:|
+    | `resnet20`      | CIFAR ResNet, 3 x 3 basic blocks  |    269,722 |
+    | `resnet32`      | CIFAR ResNet, 3 x 5 basic blocks  |    464,154 |
+    | `resnet44`      | CIFAR ResNet, 3 x 7 basic blocks  |    658,586 |
+    | `resnet56`      | CIFAR ResNet, 3 x 9 basic blocks  |    853,018 |
+    | `resnet110`     | CIFAR ResNet, 3 x 18 basic blocks |  1,727,962 |
+    | `mobilenet_v1`  | MobileNetV1, CIFAR strides        |  3,217,226 |
+    | `mobilenet_v2`  | MobileNetV2, CIFAR strides        |  2,296,922 |
+    | `shufflenet_v1` | ShuffleNet V1, 3 groups           |    925,618 |
+    | `vgg16`         | VGG16 with BatchNorm              | 14,728,266 |
+    | `vgg19`         | VGG19 with BatchNorm              | 20,040,522 |
 
-    The counts are for `classes=10`. Any other `name` must be the exact
-    name of a `keras.applications` model (see `application_names()`), e.g.
-    `"ResNet50"`, `"MobileNetV2"` or `"EfficientNetB0"`; it is built with
-    `weights=None, include_top=True, classifier_activation=None`, so it
-    returns logits like the bundled models. `InceptionV3` and
+    The counts are trainable parameters for `classes=10`.
+
+    Any other `name` must be the exact name of a `keras.applications`
+    model (see `application_names()`), e.g. `"ResNet50"`, `"MobileNetV2"`
+    or `"EfficientNetB0"`. It is built with `weights=None,
+    include_top=True, classifier_activation=None`, so it returns logits
+    like the bundled models. `InceptionV3` and
     `InceptionResNetV2` need inputs of at least 75x75 and `Xception` at
     least 71x71; every other application builds at 32x32 (`NASNetMobile`
-    and `NASNetLarge` included).
+    and `NASNetLarge` included), except that Keras refuses to build
+    `NASNetMobile` with the torch backend.
 
     Args:
         name: Model name, a bundled name or a `keras.applications` name.
@@ -715,24 +726,22 @@ def get(name, classes=10, input_shape=(32, 32, 3)):
     """
     if not isinstance(name, str):
         raise ValueError(f"`name` must be a string. Received: name={name!r}")
-    if isinstance(classes, bool) or not isinstance(classes, int) or classes < 2:
+    if not _is_int(classes) or classes < 2:
         raise ValueError(
             f"`classes` must be an integer >= 2. Received: classes={classes!r}"
         )
     if (
         not isinstance(input_shape, (tuple, list))
         or len(input_shape) != 3
-        or not all(
-            isinstance(dim, int) and not isinstance(dim, bool) and dim > 0
-            for dim in input_shape
-        )
+        or not all(_is_int(dim) and dim > 0 for dim in input_shape)
     ):
         raise ValueError(
             "`input_shape` must be a tuple of 3 positive integers "
             "(height, width, channels). "
             f"Received: input_shape={input_shape!r}"
         )
-    input_shape = tuple(input_shape)
+    classes = int(classes)
+    input_shape = tuple(int(dim) for dim in input_shape)
     if keras.config.image_data_format() != "channels_last":
         raise ValueError(
             "keras_we.models builds channels-last models only. Received: "
@@ -762,8 +771,8 @@ def get(name, classes=10, input_shape=(32, 32, 3)):
             )
         except ValueError as e:
             raise ValueError(
-                f"keras.applications.{name} cannot be built with "
-                f"input_shape={input_shape}, classes={classes}: {e}"
+                f"keras.applications.{name}(input_shape={input_shape}, "
+                f"classes={classes}) failed: {e}"
             ) from e
 
     message = (
@@ -790,6 +799,5 @@ def _check_min_size(model, min_size, input_shape):
         )
 
 
-def is_application(name):
-    """Whether `name` is the exact name of a `keras.applications` model."""
-    return name in application_names()
+def _is_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)

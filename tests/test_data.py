@@ -1,0 +1,540 @@
+"""Tests of keras_we.data: loading, subsets, augmentation, normalization and
+the seeded `CifarSequence`."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from keras_we import data
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The canonical first labels of CIFAR-10.
+FIRST_TRAIN_LABELS = [6, 9, 9, 4, 1, 1, 2, 7, 8, 3]
+FIRST_TEST_LABELS = [3, 8, 8, 0, 6, 6, 1, 6, 3, 1]
+
+
+@pytest.fixture(scope="module")
+def real_data_dir():
+    """`KERAS_WE_DATA_DIR`, or `../shared/data` next to the repository."""
+    path = os.environ.get(data.DATA_DIR_ENV) or os.path.join(
+        REPO, os.pardir, "shared", "data"
+    )
+    path = os.path.abspath(path)
+    assert os.path.exists(os.path.join(path, "cifar10.npz")), (
+        f"The tests need the real CIFAR-10 as {path}/cifar10.npz; set "
+        f"{data.DATA_DIR_ENV}."
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def real(real_data_dir):
+    """The real CIFAR-10, loaded through `KERAS_WE_DATA_DIR`."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(data.DATA_DIR_ENV, real_data_dir)
+        patch.setattr(keras.datasets.cifar10, "load_data", fail_download)
+        return data.load_cifar()
+
+
+@pytest.fixture
+def no_env(monkeypatch):
+    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+
+
+def fail_download():
+    raise Exception("URL fetch failure on https://www.cs.toronto.edu: None")
+
+
+def fake_cifar(n_train=60, n_test=30, classes=10, seed=0):
+    """Random uint8 images with balanced labels, Keras-style `(n, 1)`."""
+    rng = np.random.default_rng(seed)
+    return (
+        (
+            rng.integers(0, 256, (n_train, 32, 32, 3), dtype=np.uint8),
+            (np.arange(n_train) % classes).astype(np.uint8)[:, None],
+        ),
+        (
+            rng.integers(0, 256, (n_test, 32, 32, 3), dtype=np.uint8),
+            (np.arange(n_test) % classes).astype(np.uint8)[:, None],
+        ),
+    )
+
+
+def write_npz(path, arrays):
+    (x_train, y_train), (x_test, y_test) = arrays
+    np.savez(
+        path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test
+    )
+    return path
+
+
+# Loading.
+
+
+def test_load_real_data_from_env_var(real):
+    (x_train, y_train), (x_test, y_test) = real
+    assert x_train.shape == (50000, 32, 32, 3) and x_train.dtype == np.uint8
+    assert x_test.shape == (10000, 32, 32, 3) and x_test.dtype == np.uint8
+    assert y_train.shape == (50000,) and y_test.shape == (10000,)
+    assert y_train[:10].tolist() == FIRST_TRAIN_LABELS
+    assert y_test[:10].tolist() == FIRST_TEST_LABELS
+    assert np.bincount(y_train).tolist() == [5000] * 10
+
+
+def test_load_explicit_npz_file(real, real_data_dir, monkeypatch):
+    monkeypatch.setenv(data.DATA_DIR_ENV, "/nonexistent")  # not consulted
+    monkeypatch.setattr(keras.datasets.cifar10, "load_data", fail_download)
+    (_, y_train), (x_test, _) = data.load_cifar(
+        data_dir=os.path.join(real_data_dir, "cifar10.npz")
+    )
+    np.testing.assert_array_equal(y_train, real[0][1])
+    np.testing.assert_array_equal(x_test, real[1][0])
+
+
+def test_load_from_directory_and_precedence(tmp_path, monkeypatch):
+    fake = fake_cifar()
+    write_npz(tmp_path / "cifar10.npz", fake)
+    other = tmp_path / "other"
+    other.mkdir()
+    write_npz(other / "cifar10.npz", fake_cifar(seed=1))
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(other))
+    (x_train, y_train), (x_test, y_test) = data.load_cifar(data_dir=tmp_path)
+    np.testing.assert_array_equal(x_train, fake[0][0])
+    np.testing.assert_array_equal(y_train, fake[0][1][:, 0])
+    assert y_train.shape == (60,) and y_test.shape == (30,)
+    # Without the argument, the environment variable wins.
+    (x_train, _), _ = data.load_cifar()
+    np.testing.assert_array_equal(x_train, fake_cifar(seed=1)[0][0])
+
+
+def test_load_cifar100_file(tmp_path, no_env):
+    write_npz(tmp_path / "cifar100.npz", fake_cifar(200, 100, classes=100))
+    (_, y_train), _ = data.load_cifar("cifar100", data_dir=tmp_path)
+    assert y_train.max() == 99
+    with pytest.raises(FileNotFoundError, match="No cifar10.npz in"):
+        data.load_cifar("cifar10", data_dir=tmp_path)
+
+
+def test_keras_download_fallback(tmp_path, monkeypatch):
+    monkeypatch.setattr(keras.datasets.cifar10, "load_data", fake_cifar)
+    # A data directory without cifar10.npz falls through to keras.datasets.
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path))
+    (x_train, y_train), _ = data.load_cifar()
+    assert x_train.shape == (60, 32, 32, 3) and y_train.shape == (60,)
+
+
+def test_error_when_nothing_works(tmp_path, no_env, monkeypatch):
+    monkeypatch.setattr(keras.datasets.cifar10, "load_data", fail_download)
+    with pytest.raises(data.DataUnavailableError) as info:
+        data.load_cifar()
+    assert isinstance(info.value, OSError)
+    message = str(info.value)
+    for part in (
+        "`data_dir`",
+        "KERAS_WE_DATA_DIR",
+        "cifar10.npz",
+        "keras.datasets.cifar10.load_data()",
+        "URL fetch failure",
+    ):
+        assert part in message
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path))
+    with pytest.raises(data.DataUnavailableError, match="holds no cifar10.npz"):
+        data.load_cifar()
+
+
+def test_missing_paths(tmp_path, monkeypatch):
+    missing = str(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="data_dir="):
+        data.load_cifar(data_dir=missing)
+    monkeypatch.setenv(data.DATA_DIR_ENV, missing)
+    with pytest.raises(FileNotFoundError, match="KERAS_WE_DATA_DIR="):
+        data.load_cifar()
+
+
+def test_malformed_files(tmp_path, no_env):
+    path = tmp_path / "bad.npz"
+    np.savez(path, x_train=np.zeros((2, 32, 32, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"lacks the arrays \['y_train'"):
+        data.load_cifar(data_dir=path)
+    (x_train, y_train), test = fake_cifar()
+    write_npz(path, ((x_train, y_train + 10), test))
+    with pytest.raises(ValueError, match=r"labels in \[0, 10\)"):
+        data.load_cifar(data_dir=path)
+    write_npz(path, ((x_train.astype(np.float32), y_train), test))
+    with pytest.raises(ValueError, match="uint8"):
+        data.load_cifar(data_dir=path)
+    np.save(tmp_path / "x.npy", x_train)
+    with pytest.raises(ValueError, match="is not a .npz file"):
+        data.load_cifar(data_dir=tmp_path / "x.npy")
+    (tmp_path / "text.npz").write_text("not an archive")
+    with pytest.raises(ValueError, match="Cannot read"):
+        data.load_cifar(data_dir=tmp_path / "text.npz")
+
+
+def test_unknown_dataset():
+    with pytest.raises(
+        ValueError, match=r"name='mnist'.*'cifar10', 'cifar100'"
+    ):
+        data.load_cifar("mnist")
+
+
+# Subsets.
+
+
+def test_stratified_subsets(real, real_data_dir, monkeypatch):
+    monkeypatch.setenv(data.DATA_DIR_ENV, real_data_dir)
+    (x_train, y_train), (x_test, y_test) = data.load_cifar(
+        train_size=1000, test_size=105, seed=3
+    )
+    assert np.bincount(y_train).tolist() == [100] * 10
+    counts = np.bincount(y_test, minlength=10)
+    assert sorted(counts.tolist()) == [10] * 5 + [11] * 5
+    # The subset is made of real examples, in their original order.
+    keep = data.stratified_indices(real[0][1], 1000, seed=(3, 1))
+    np.testing.assert_array_equal(x_train, real[0][0][keep])
+    assert np.all(np.diff(keep) > 0)
+    # Deterministic given the seed, different for another seed.
+    (x_again, _), (x_test_again, _) = data.load_cifar(
+        train_size=1000, test_size=105, seed=3
+    )
+    np.testing.assert_array_equal(x_again, x_train)
+    np.testing.assert_array_equal(x_test_again, x_test)
+    (x_other, _), _ = data.load_cifar(train_size=1000, seed=4)
+    assert not np.array_equal(x_other, x_train)
+
+
+def test_stratified_indices_unbalanced():
+    labels = np.array([0] * 2 + [1] * 10 + [2] * 10)
+    keep = data.stratified_indices(labels, 12, seed=0)
+    assert np.bincount(labels[keep]).tolist() == [2, 5, 5]
+    assert len(set(keep.tolist())) == 12
+    keep = data.stratified_indices(labels, 22, seed=0)
+    np.testing.assert_array_equal(keep, np.arange(22))
+
+
+@pytest.mark.parametrize("size", [0, -1, 61, 1.5, True, "10"])
+def test_bad_sizes(size, tmp_path, no_env):
+    path = write_npz(tmp_path / "cifar10.npz", fake_cifar())
+    with pytest.raises(
+        ValueError,
+        match=r"`train_size` must be None or an integer between 1 and 60",
+    ):
+        data.load_cifar(data_dir=path, train_size=size)
+    with pytest.raises(
+        ValueError,
+        match=r"`test_size` must be None or an integer between 1 and 30",
+    ):
+        data.load_cifar(data_dir=path, test_size=size)
+
+
+@pytest.mark.parametrize("seed", [-1, 1.0, None, "0"])
+def test_bad_seed(seed):
+    with pytest.raises(
+        ValueError, match="`seed` must be a non-negative integer"
+    ):
+        data.load_cifar(seed=seed)
+
+
+# Normalization and augmentation.
+
+
+def test_normalize_numbers(real):
+    mean = np.array([0.4914, 0.4822, 0.4465])
+    std = np.array([0.2023, 0.1994, 0.2010])
+    pixels = np.array([[[0, 0, 0], [255, 255, 255], [128, 64, 1]]], np.uint8)
+    expected = (pixels / 255.0 - mean) / std
+    out = data.normalize(pixels)
+    assert out.dtype == np.float32 and out.shape == (1, 3, 3)
+    np.testing.assert_allclose(out, expected, rtol=1e-6)
+    np.testing.assert_allclose(out[0, 0], -mean / std, rtol=1e-6)
+    # The paper's mean is the training-set mean: normalized mean ~ 0.
+    x_train = real[0][0]
+    means = [
+        data.normalize(x_train[i : i + 10000]).mean(axis=(0, 1, 2))
+        for i in range(0, 50000, 10000)
+    ]
+    np.testing.assert_allclose(np.mean(means, axis=0), 0.0, atol=1e-3)
+    images = np.random.default_rng(0).integers(0, 256, (4, 5, 5, 3), np.uint8)
+    np.testing.assert_array_equal(
+        data.normalize(images),
+        ((images / 255.0 - mean) / std).astype(np.float32),
+    )
+    with pytest.raises(ValueError, match="uint8"):
+        data.normalize(images.astype(np.float32))
+    with pytest.raises(ValueError, match="one value per channel"):
+        data.normalize(images, mean=(0.5,), std=(0.5,))
+
+
+def find_crop(source, crop, padding=4):
+    """The `(row, col, flipped)` placements of `crop` in the zero-padded
+    `source`."""
+    padded = np.pad(source, ((padding, padding), (padding, padding), (0, 0)))
+    h, w, _ = source.shape
+    return [
+        (r, c, flipped)
+        for r in range(2 * padding + 1)
+        for c in range(2 * padding + 1)
+        for flipped in (False, True)
+        if np.array_equal(
+            padded[r : r + h, c : c + w][:, :: -1 if flipped else 1], crop
+        )
+    ]
+
+
+def test_augment_crops_and_flips(real):
+    x = real[0][0][:64]
+    out = data.augment(x, np.random.default_rng(7))
+    assert out.dtype == np.uint8 and out.shape == x.shape
+    assert out.flags.c_contiguous
+    # The documented draws: offsets into the padded image, then flips.
+    rng = np.random.default_rng(7)
+    offsets = rng.integers(0, 9, size=(64, 2))
+    flips = rng.random(64) < 0.5
+    padded = np.pad(x, ((0, 0), (4, 4), (4, 4), (0, 0)))
+    for i, ((r, c), flip) in enumerate(zip(offsets, flips)):
+        window = padded[i, r : r + 32, c : c + 32]
+        np.testing.assert_array_equal(
+            out[i], window[:, ::-1] if flip else window
+        )
+    # Independently of the draw order: each output is a shifted window of
+    # its zero-padded source, flipped or not.
+    for i in range(8):
+        assert (offsets[i][0], offsets[i][1], flips[i]) in find_crop(
+            x[i], out[i]
+        )
+    assert 0 < flips.sum() < 64
+    assert set(offsets.ravel().tolist()) == set(range(9))
+
+
+def test_augment_determinism():
+    x = np.random.default_rng(0).integers(0, 256, (16, 8, 8, 3), np.uint8)
+    np.testing.assert_array_equal(data.augment(x, 3), data.augment(x, 3))
+    assert not np.array_equal(data.augment(x, 3), data.augment(x, 4))
+    rng = np.random.default_rng(3)
+    first, second = data.augment(x, rng), data.augment(x, rng)
+    assert not np.array_equal(first, second)
+    # Without padding only flips remain.
+    out = data.augment(x, 5, padding=0)
+    for image, source in zip(out, x):
+        assert np.array_equal(image, source) or np.array_equal(
+            image, source[:, ::-1]
+        )
+    with pytest.raises(ValueError, match="uint8"):
+        data.augment(x.astype(np.float32), 0)
+    with pytest.raises(ValueError, match="padding=-1"):
+        data.augment(x, 0, padding=-1)
+
+
+# CifarSequence.
+
+
+@pytest.fixture(scope="module")
+def small(real):
+    (x_train, y_train), _ = real
+    return x_train[:300], y_train[:300]
+
+
+def epoch_batches(sequence, indices=None):
+    indices = range(len(sequence)) if indices is None else indices
+    return {i: sequence[i] for i in indices}
+
+
+def assert_same_batches(a, b):
+    assert a.keys() == b.keys()
+    for i in a:
+        np.testing.assert_array_equal(a[i][0], b[i][0])
+        np.testing.assert_array_equal(a[i][1], b[i][1])
+
+
+def test_sequence_plain_batches(small):
+    x, y = small
+    sequence = data.CifarSequence(x, y, batch_size=128)
+    assert len(sequence) == 3
+    images, labels = sequence[2]
+    assert images.shape == (44, 32, 32, 3) and images.dtype == np.float32
+    assert labels.dtype == np.int32
+    np.testing.assert_array_equal(images, data.normalize(x[256:]))
+    np.testing.assert_array_equal(labels, y[256:])
+    with pytest.raises(IndexError):
+        sequence[3]
+
+
+def test_sequence_shuffle_and_augment(small):
+    x, y = small
+    sequence = data.CifarSequence(
+        x, y, batch_size=64, augment=True, shuffle=True, seed=5
+    )
+    order = sequence.order()
+    assert sorted(order.tolist()) == list(range(300))
+    images, labels = sequence[1]
+    rows = order[64:128]
+    np.testing.assert_array_equal(labels, y[rows])
+    # Every image is an augmentation of its source image.
+    pixels = np.rint(
+        (images * np.array(data.CIFAR_STD) + np.array(data.CIFAR_MEAN)) * 255
+    ).astype(np.uint8)
+    for i in range(4):
+        assert find_crop(x[rows[i]], pixels[i])
+
+
+def test_sequence_determinism(small):
+    x, y = small
+
+    def make(seed):
+        return data.CifarSequence(
+            x, y, batch_size=64, augment=True, shuffle=True, seed=seed
+        )
+
+    a, b, other = make(1), make(1), make(2)
+    first = epoch_batches(a)
+    # Same seed, another instance, batches asked for in another order.
+    assert_same_batches(first, epoch_batches(b, reversed(range(len(b)))))
+    assert not np.array_equal(other[0][0], first[0][0])
+    assert not np.array_equal(other.order(), a.order())
+    # A new epoch brings a new order and new crops, the same for a and b.
+    for sequence in (a, b):
+        sequence.on_epoch_begin()
+        sequence.on_epoch_end()
+    assert a.epoch == b.epoch == 1
+    second = epoch_batches(a)
+    assert not np.array_equal(second[0][0], first[0][0])
+    assert_same_batches(second, epoch_batches(b))
+    # Resuming at epoch 1.
+    resumed = data.CifarSequence(
+        x, y, batch_size=64, augment=True, shuffle=True, seed=1, initial_epoch=1
+    )
+    assert_same_batches(second, epoch_batches(resumed))
+
+
+def test_sequence_epoch_counting(small):
+    x, y = small
+    sequence = data.CifarSequence(x, y)
+    # `fit()` ends an epoch before the first one, and on JAX and torch
+    # begins and ends one after reading a batch to build the model.
+    sequence[0]
+    sequence.on_epoch_end()
+    sequence.on_epoch_begin()
+    sequence[0]
+    sequence.on_epoch_end()
+    assert sequence.epoch == 0
+    sequence.on_epoch_begin()
+    epoch_batches(sequence)
+    sequence.on_epoch_end()
+    assert sequence.epoch == 1
+    sequence.on_epoch_end()
+    assert sequence.epoch == 1
+
+
+class RecordingSequence(data.CifarSequence):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = []
+
+    def __getitem__(self, index):
+        self.calls.append((self.epoch, index))
+        return super().__getitem__(index)
+
+
+def tiny_model():
+    model = keras.Sequential(
+        [
+            keras.Input((32, 32, 3)),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(10),
+        ]
+    )
+    model.compile(
+        optimizer="sgd",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return model
+
+
+def test_sequence_with_fit(small):
+    x, y = small
+
+    def train(seed, sync=False):
+        keras.utils.set_random_seed(0)
+        sequence = RecordingSequence(
+            x[:96],
+            y[:96],
+            batch_size=32,
+            augment=True,
+            shuffle=True,
+            seed=seed,
+        )
+        model = tiny_model()
+        model.fit(
+            sequence,
+            epochs=2,
+            shuffle=False,
+            verbose=0,
+            callbacks=[data.SyncEpoch(sequence)] if sync else [],
+        )
+        return sequence, model.get_weights()
+
+    sequence, weights = train(seed=1)
+    assert sequence.epoch == 2
+    epochs = [epoch for epoch, _ in sequence.calls]
+    assert epochs == sorted(epochs) and set(epochs) == {0, 1}
+    assert sorted(i for e, i in sequence.calls if e == 1) == [0, 1, 2]
+    assert {i for e, i in sequence.calls if e == 0} == {0, 1, 2}
+    # Paired runs: the same seed trains identically, another seed does not.
+    _, again = train(seed=1, sync=True)
+    for a, b in zip(weights, again):
+        np.testing.assert_array_equal(a, b)
+    _, other = train(seed=2)
+    assert not all(np.array_equal(a, b) for a, b in zip(weights, other))
+
+
+def test_sync_epoch_when_resuming(small):
+    x, y = small
+    sequence = RecordingSequence(x[:96], y[:96], batch_size=32, seed=1)
+    model = tiny_model()
+    model.fit(
+        sequence,
+        initial_epoch=1,
+        epochs=2,
+        shuffle=False,
+        verbose=0,
+        callbacks=[data.SyncEpoch(sequence)],
+    )
+    assert sorted(i for e, i in sequence.calls if e == 1) == [0, 1, 2]
+    assert {e for e, _ in sequence.calls} <= {0, 1}  # 0: building the model
+    assert sequence.epoch == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"batch_size": 0}, "`batch_size` must be an integer >= 1"),
+        ({"seed": -1}, "`seed` must be an integer >= 0"),
+        ({"initial_epoch": 1.5}, "`initial_epoch` must be an integer >= 0"),
+        ({"mean": (0.5, 0.5)}, "one value per channel"),
+    ],
+)
+def test_sequence_bad_arguments(small, kwargs, match):
+    x, y = small
+    with pytest.raises(ValueError, match=match):
+        data.CifarSequence(x, y, **kwargs)
+
+
+def test_sequence_bad_arrays(small):
+    x, y = small
+    with pytest.raises(ValueError, match="`x` must be a uint8 array"):
+        data.CifarSequence(x.astype(np.float32), y)
+    with pytest.raises(ValueError, match="same length"):
+        data.CifarSequence(x, y[:-1])
+
+
+def test_make_datasets(tmp_path, no_env):
+    write_npz(tmp_path / "cifar10.npz", fake_cifar(100, 40))
+    train, test = data.make_datasets(
+        data_dir=tmp_path, batch_size=16, train_size=50, seed=2
+    )
+    assert (len(train.x), len(test.x)) == (50, 40)
+    assert train.augment and train.shuffle and train.seed == 2
+    assert not test.augment and not test.shuffle
+    assert len(train) == 4 and len(test) == 1

@@ -1,0 +1,196 @@
+"""Tests of keras_we.models: parameter counts, forward passes, the two
+custom layers, `.keras` round trips and argument errors."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from keras_we import models
+
+# Trainable parameters for classes=10, as in the paper's PyTorch code.
+PARAMS = {
+    "mobilenet_v1": 3_217_226,
+    "mobilenet_v2": 2_296_922,
+    "resnet20": 269_722,
+    "resnet32": 464_154,
+    "resnet44": 658_586,
+    "resnet56": 853_018,
+    "resnet110": 1_727_962,
+    "shufflenet_v1": 925_618,
+    "vgg16": 14_728_266,
+    "vgg19": 20_040_522,
+}
+
+
+def trainable_count(model):
+    return int(sum(np.prod(v.shape) for v in model.trainable_weights))
+
+
+def build_without_values(name, **kwargs):
+    """Builds a model with uninitialized variables (shapes only), which
+    skips JAX's compilation of an initializer for every weight shape."""
+    with keras.StatelessScope(initialize_variables=False):
+        model = models.get(name, **kwargs)
+    # Forget the uninitialized variables, or the next symbolic call of any
+    # layer would initialize them all.
+    keras.backend.clear_session(free_memory=False)
+    return model
+
+
+@pytest.fixture(scope="module")
+def built():
+    """Models with real weights, built once per module (JAX compiles an
+    initializer per weight shape and every op on its first eager call)."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = models.get(name)
+        return cache[name]
+
+    return get
+
+
+def test_names():
+    assert models.names() == sorted(PARAMS)
+    assert "ResNet50" in models.application_names()
+    assert models.is_application("EfficientNetB0")
+    assert not models.is_application("resnet20")
+
+
+@pytest.mark.parametrize("name", sorted(PARAMS))
+def test_trainable_parameter_count(name):
+    model = build_without_values(name)
+    assert trainable_count(model) == PARAMS[name]
+    assert model.name == name
+    assert model.output.shape == (None, 10)
+
+
+def test_resnet20_with_100_classes():
+    model = build_without_values("resnet20", classes=100)
+    assert trainable_count(model) == PARAMS["resnet20"] + 64 * 90 + 90
+    # Option-A shortcuts and activations carry no weights.
+    shortcuts = [
+        layer
+        for layer in model.layers
+        if isinstance(layer, models.ZeroPadShortcut)
+    ]
+    assert len(shortcuts) == 2
+    assert all(not layer.weights for layer in shortcuts)
+
+
+def test_pytorch_batchnorm_and_init(built):
+    model = built("resnet20")
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            assert layer.momentum == pytest.approx(0.9)
+            assert layer.epsilon == pytest.approx(1e-5)
+    # Kaiming normal: std sqrt(2 / fan_in), fan_in = 3 * 3 * 64.
+    kernel = keras.ops.convert_to_numpy(
+        model.get_layer("stage3_block2_1_conv").kernel
+    )
+    assert kernel.std() == pytest.approx(np.sqrt(2 / (9 * 64)), rel=0.05)
+    conv = model.get_layer("stage2_block1_1_conv")
+    assert conv.padding == "valid" and conv.strides == (2, 2)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "shufflenet_v1"])
+def test_forward_pass(name, built):
+    model = built(name)
+    x = np.random.default_rng(0).random((2, 32, 32, 3), dtype=np.float32)
+    logits = keras.ops.convert_to_numpy(model(x, training=False))
+    assert logits.shape == (2, 10)
+    assert np.all(np.isfinite(logits))
+    # Logits, not probabilities.
+    assert not np.allclose(logits.sum(axis=1), 1.0)
+
+
+def test_other_input_shape():
+    model = build_without_values(
+        "mobilenet_v2", classes=5, input_shape=(48, 40, 1)
+    )
+    assert model.input.shape == (None, 48, 40, 1)
+    assert model.output.shape == (None, 5)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "shufflenet_v1"])
+def test_keras_round_trip(name, built, tmp_path):
+    model = built(name)
+    x = np.random.default_rng(1).random((4, 32, 32, 3), dtype=np.float32)
+    expected = keras.ops.convert_to_numpy(model(x, training=False))
+    path = os.path.join(tmp_path, f"{name}.keras")
+    model.save(path)
+    restored = keras.saving.load_model(path)
+    assert restored.name == name
+    assert trainable_count(restored) == PARAMS[name]
+    actual = keras.ops.convert_to_numpy(restored(x, training=False))
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_zero_pad_shortcut():
+    x = np.arange(2 * 5 * 6 * 4, dtype="float32").reshape(2, 5, 6, 4)
+    layer = models.ZeroPadShortcut(9, strides=2)
+    y = keras.ops.convert_to_numpy(layer(x))
+    assert y.shape == (2, 3, 3, 9) == layer.compute_output_shape(x.shape)
+    # 5 channels of padding: 2 in front, 3 behind.
+    np.testing.assert_array_equal(y[..., 2:6], x[:, ::2, ::2, :])
+    assert not y[..., :2].any() and not y[..., 6:].any()
+    assert models.ZeroPadShortcut.from_config(layer.get_config()).filters == 9
+    with pytest.raises(ValueError, match="filters=2"):
+        layer = models.ZeroPadShortcut(2)
+        layer(x)
+
+
+def test_channel_shuffle():
+    x = np.arange(2 * 3 * 3 * 6, dtype="float32").reshape(2, 3, 3, 6)
+    layer = models.ChannelShuffle(3)
+    y = keras.ops.convert_to_numpy(layer(x))
+    # Channel g * 2 + i (group g of 3, index i of 2) moves to i * 3 + g.
+    np.testing.assert_array_equal(y, x[..., [0, 2, 4, 1, 3, 5]])
+    assert models.ChannelShuffle.from_config(layer.get_config()).groups == 3
+    with pytest.raises(ValueError, match="groups=4"):
+        models.ChannelShuffle(4)(x)
+
+
+def test_keras_application():
+    model = build_without_values("MobileNetV2", classes=7)
+    assert model.output.shape == (None, 7)
+    assert model.layers[-1].activation is keras.activations.linear
+
+
+@pytest.mark.parametrize(
+    "name, size", [("InceptionV3", 75), ("Xception", 71), ("vgg16", 32)]
+)
+def test_input_too_small(name, size):
+    with pytest.raises(
+        ValueError, match=f"{name} needs inputs of at least {size}x{size}"
+    ):
+        models.get(name, input_shape=(24, 24, 3))
+
+
+def test_unknown_name():
+    with pytest.raises(ValueError) as info:
+        models.get("resnet18")
+    message = str(info.value)
+    assert "'resnet18'" in message
+    for name in models.names():
+        assert name in message
+    assert "keras.applications" in message
+    with pytest.raises(ValueError, match="Did you mean 'ResNet50'"):
+        models.get("resnet50")
+
+
+@pytest.mark.parametrize("classes", [1, 0, 2.0, True, "10", None])
+def test_bad_classes(classes):
+    with pytest.raises(ValueError, match=r"`classes` must be an integer >= 2"):
+        models.get("resnet20", classes=classes)
+
+
+@pytest.mark.parametrize(
+    "input_shape", [(32, 32), (32, 32, 3, 1), (32, 0, 3), (32.0, 32, 3), None]
+)
+def test_bad_input_shape(input_shape):
+    with pytest.raises(ValueError, match="`input_shape` must be a tuple of 3"):
+        models.get("resnet20", input_shape=input_shape)
