@@ -160,7 +160,7 @@ def find_targets(model):
     models and layers included. Raises `ValueError` for an unbuilt layer.
     """
     targets = []
-    for layer in _walk(model):
+    for layer in [model, *_walk(model)]:
         if isinstance(layer, CONV_LAYERS):
             # A LoRA-enabled layer's `kernel` is a computed tensor; the
             # variable behind it is `_kernel`.

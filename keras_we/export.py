@@ -22,6 +22,8 @@ package. Save the model as `.keras` and export it from a process running
 the TensorFlow backend (`KERAS_BACKEND=tensorflow keras-we export ...`).
 """
 
+import contextlib
+import logging
 import os
 import re
 import shutil
@@ -126,7 +128,8 @@ def export_for_serving(model, base_dir, version=None, sample=None):
     staging = tempfile.mkdtemp(prefix=f".export-{version}-", dir=base_dir)
     try:
         written = os.path.join(staging, "saved_model")
-        model.export(written, format="tf_saved_model", verbose=False)
+        with _quiet_tensorflow():
+            model.export(written, format="tf_saved_model", verbose=False)
         difference = check_export(model, written, sample)
         if os.path.lexists(path):  # another export took the number meanwhile
             raise FileExistsError(
@@ -263,6 +266,19 @@ def check_export(model, path, sample, tolerance=TOLERANCE):
             "the export was discarded."
         )
     return difference
+
+
+@contextlib.contextmanager
+def _quiet_tensorflow():
+    # `model.export` logs "Assets written to <staging folder>" at INFO level,
+    # a path that no longer exists once the export is renamed.
+    logger = logging.getLogger("tensorflow")
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _check_backend():

@@ -256,4 +256,7 @@ def _first_extreme(filters, largest):
     size = filters.shape[0]
     positions = ops.reshape(ops.arange(size, dtype="int32"), (size, 1, 1))
     first = ops.min(ops.where(magnitude == target, positions, size), axis=0)
+    # A NaN matches nothing; keep the index in range (such tensors are
+    # skipped, but may share a bucket with evolving ones).
+    first = ops.minimum(first, size - 1)
     return ops.take_along_axis(filters, first[None], axis=0)[0]
