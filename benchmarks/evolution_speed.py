@@ -8,8 +8,13 @@ Weights are made to look trained: every filter and BatchNorm entry is
 scaled by 10**U(-3, 0), so scores spread over three decades, and 5% of them
 are scaled by 1e-6 (nearly dead).
 
+It also reports the step's peak extra memory (resident set size sampled
+every millisecond during the step, above its level just before) next to
+the size of the model's largest kernel.
+
     python benchmarks/evolution_speed.py                   # all backends
     python benchmarks/evolution_speed.py --backends jax --models resnet56
+    python benchmarks/evolution_speed.py --models ResNet50,EfficientNetB0 --batch-size 32
 """
 
 import argparse
@@ -18,6 +23,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 MODELS = ("resnet56", "mobilenet_v2")
@@ -38,6 +44,29 @@ def trained_looking(model, seed=0):
         if target.group != "conv":
             value = value + rng.normal(0.5, 0.2, size=value.shape)
         target.variable.assign((value * scale).astype(value.dtype))
+
+
+def peak_extra_memory(function):
+    """Peak resident memory above the level before `function` ran, in bytes."""
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def resident():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+
+    baseline, peak, done = resident(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], resident())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    function()
+    done.set()
+    sampler.join()
+    return max(peak[0], resident()) - baseline
 
 
 def timed(function, repeats):
@@ -74,7 +103,11 @@ def measure(name, input_shape, batch_size, repeats):
     report, state = evolver(30, state)
     first = time.perf_counter() - start
     step = timed(lambda: evolver(30, state), max(repeats, 5))
+    extra = peak_extra_memory(lambda: evolver(30, state))
+    largest = max(int(np.prod(t.variable.shape)) * 4 for t in evolver.targets)
     return {
+        "extra_memory_mb": extra / 2**20,
+        "largest_kernel_mb": largest / 2**20,
         "model": name,
         "input": "x".join(map(str, input_shape[:2])),
         "train_step_s": train,
@@ -123,13 +156,16 @@ def main():
             raise SystemExit(f"backend {backend} failed")
         rows += [json.loads(line) for line in output.stdout.splitlines() if line.startswith("{")]
 
-    print(f"| backend | model | input | train step (batch {args.batch_size}) | evolution step | ratio | first call (compile) | filters evolved |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        f"| backend | model | input | train step (batch {args.batch_size}) | evolution step "
+        "| ratio | first call (compiles) | filters evolved | peak extra memory | largest kernel |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['backend']} | {r['model']} | {r['input']} | {r['train_step_s'] * 1000:.0f} ms "
             f"| {r['evolution_step_s'] * 1000:.1f} ms | {r['ratio']:.4f} | {r['first_call_s']:.2f} s "
-            f"| {r['filters_evolved']} |"
+            f"| {r['filters_evolved']} | {r['extra_memory_mb']:.1f} MB | {r['largest_kernel_mb']:.1f} MB |"
         )
 
 

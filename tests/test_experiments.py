@@ -1,0 +1,119 @@
+"""The runner on the real CIFAR-10: paired runs, summary, resume, bad input."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from keras_we import cli, experiments
+from keras_we.recipe import Recipe
+
+TINY = dict(epochs=2, train_size=200, test_size=100, batch_size=50)
+
+
+def tiny_plan(methods=("baseline", "we-paper"), seeds=(0,)):
+    return experiments.plan(model="resnet20", dataset="cifar10", methods=methods, seeds=seeds, **TINY)
+
+
+def weights_of(run_dir):
+    model = keras.saving.load_model(os.path.join(run_dir, "model.keras"))
+    return [keras.ops.convert_to_numpy(w) for w in model.weights]
+
+
+def test_compare_writes_summary_table_and_plots(tmp_path):
+    out = str(tmp_path / "cmp")
+    code = cli.main(
+        ["compare", "--model", "resnet20", "--methods", "baseline,we-paper", "--seeds", "0",
+         "--epochs", "2", "--train-size", "200", "--test-size", "100", "--batch-size", "50",
+         "--quiet", "--out", out]
+    )
+    assert code == 0
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    runs = {r["method"]: r for r in summary["runs"]}
+    assert set(runs) == {"baseline", "we-paper"}
+    for run in runs.values():
+        assert run["seed"] == 0 and run["epochs"] == 2
+        history = run["history"]
+        assert len(history["test_accuracy"]) == 2
+        assert run["final_test_accuracy"] == history["test_accuracy"][-1]
+        assert run["best_test_accuracy"] == max(history["test_accuracy"])
+        assert 0.0 <= run["final_test_accuracy"] <= 1.0
+    # The baseline never evolves; WE evolves after epoch 0 and skips the last.
+    assert runs["baseline"]["history"]["items_evolved"] == [0, 0]
+    assert runs["we-paper"]["history"]["items_evolved"][1] == 0
+    # Same seed: the first epoch (before any evolution) is identical.
+    assert runs["baseline"]["history"]["train_loss"][0] == pytest.approx(
+        runs["we-paper"]["history"]["train_loss"][0], rel=1e-5
+    )
+    table = {row["method"]: row for row in summary["table"]}
+    diff = 100 * (runs["we-paper"]["final_test_accuracy"] - runs["baseline"]["final_test_accuracy"])
+    assert table["we-paper"]["final_test_accuracy_diff_mean"] == pytest.approx(diff)
+    for name in ("table.md", "table.csv", "test_accuracy.png", "items_evolved.png"):
+        assert os.path.getsize(os.path.join(out, name)) > 0
+    assert "paired diff" in open(os.path.join(out, "table.md")).read()
+
+
+def test_finished_runs_are_never_overwritten(tmp_path):
+    out = str(tmp_path / "cmp")
+    configs = tiny_plan(methods=("baseline",))
+    experiments.compare(configs, out, verbose=0)
+    run_file = os.path.join(out, "runs", configs[0].name, "run.json")
+    before = os.stat(run_file).st_mtime_ns
+    experiments.compare(configs, out, verbose=0)
+    assert os.stat(run_file).st_mtime_ns == before
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
+    config = tiny_plan(methods=("we-paper",))[0]
+    straight = experiments.train_run(config, str(tmp_path / "straight"), verbose=0)
+
+    class InterruptAfterFirstEpoch(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            raise Interrupt()
+
+    original = Recipe.callbacks
+    monkeypatch.setattr(Recipe, "callbacks", lambda self: original(self) + [InterruptAfterFirstEpoch()])
+    resumed_dir = str(tmp_path / "resumed")
+    with pytest.raises(Interrupt):
+        experiments.train_run(config, resumed_dir, verbose=0)
+    assert not os.path.exists(os.path.join(resumed_dir, "run.json"))
+    monkeypatch.setattr(Recipe, "callbacks", original)
+    resumed = experiments.train_run(config, resumed_dir, verbose=0)
+
+    assert resumed["history"]["epoch"] == [0, 1]
+    assert resumed["history"]["items_evolved"] == straight["history"]["items_evolved"]
+    np.testing.assert_allclose(
+        resumed["history"]["test_accuracy"], straight["history"]["test_accuracy"], atol=1e-6
+    )
+    for a, b in zip(weights_of(str(tmp_path / "straight")), weights_of(resumed_dir)):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--model", "resnet21"], ["resnet21", "resnet20"]),
+        (["--methods", "baseline,we-papers"], ["we-papers", "we-reference"]),
+        (["--dataset", "mnist"], ["mnist", "cifar10"]),
+        (["--train-size", "0"], ["positive"]),
+        (["--train-size", "60000"], ["train_size", "60000"]),
+        (["--seeds", "a,b"], ["integers"]),
+    ],
+)
+def test_bad_arguments_fail_at_once_naming_the_choices(tmp_path, capsys, argv, words):
+    base = ["compare", "--epochs", "1", "--out", str(tmp_path / "x")]
+    try:
+        code = cli.main(base + argv)
+    except SystemExit as exit:  # argparse errors
+        code = exit.code
+    assert code == 2
+    err = capsys.readouterr().err
+    for word in words:
+        assert word in err
+    assert not os.path.exists(str(tmp_path / "x" / "runs"))
