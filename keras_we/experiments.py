@@ -41,9 +41,9 @@ PRESETS = {
         dataset="cifar10",
         methods=("baseline", "we-paper", "we-reference"),
         seeds=(0, 1, 2),
-        epochs=10,
-        train_size=16000,
-        test_size=None,
+        epochs=8,
+        train_size=10000,
+        test_size=5000,
         batch_size=128,
     ),
     # The paper's protocol, for a GPU: 200 epochs on all of CIFAR-10.

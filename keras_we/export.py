@@ -182,8 +182,7 @@ def export_run(run_dir, base_dir, version=None):
             "folder (keras-we train / compare write model.keras at the end)."
         )
     # Registers the custom layers and optimizer of the bundled models.
-    import keras_we.models  # noqa: F401
-    import keras_we.recipe  # noqa: F401
+    from keras_we import models, recipe  # noqa: F401
 
     model = keras.saving.load_model(model_path, compile=False)
     return export_for_serving(model, base_dir, version=version)
