@@ -13,20 +13,10 @@ import numpy as np
 import pytest
 
 import keras_we
+from tests.utils import LayerStack
 
 REFERENCE_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference")
 CASES = sorted(glob.glob(os.path.join(REFERENCE_DIR, "*.npz")))
-
-
-class LayerStack(keras.Model):
-    """The case's layers in order, each built for its own input shape."""
-
-    def __init__(self, layers):
-        super().__init__()
-        self.stack = layers
-
-    def call(self, x):
-        return x
 
 
 def build_case(data, description):

@@ -18,6 +18,7 @@ from keras import ops
 
 import keras_we
 from keras_we import strategies
+from tests.utils import LayerStack
 from keras_we.evolution import EvolutionOptions, Evolver, evolve_group, find_targets
 
 GROUPS = ("conv", "gamma", "beta")
@@ -56,17 +57,6 @@ def same_variables(found, expected):
 def constant_schedule(epoch):
     """A schedule multiplier of 1, so that `r(e)` is the base ratio itself."""
     return 1.0
-
-
-class LayerStack(keras.Model):
-    """Layers in traversal order, each built for its own input shape."""
-
-    def __init__(self, layers):
-        super().__init__()
-        self.stack = layers
-
-    def call(self, x):
-        return x
 
 
 def stack(layers):

@@ -39,3 +39,19 @@ def toy_data(n=32, seed=0):
 
 def kernels(model):
     return [keras.ops.convert_to_numpy(w).copy() for w in model.weights]
+
+
+
+class LayerStack(keras.Model):
+    """Layers in traversal order, each built for its own input shape.
+
+    Reference cases chain layers whose channel counts need not match, so
+    the layers are held, not called.
+    """
+
+    def __init__(self, layers):
+        super().__init__()
+        self.stack = layers
+
+    def call(self, x):
+        return x
