@@ -35,5 +35,18 @@ def compile_function(function, static_argnums=()):
     if name == "tensorflow":
         import tensorflow as tf
 
-        return tf.function(function)
+        compiled = tf.function(function)
+
+        def call(*args):
+            # One trace per bucket shape is expected; TensorFlow would warn
+            # about "retracing" after five of them.
+            logger = tf.get_logger()
+            level = logger.level
+            logger.setLevel("ERROR")
+            try:
+                return compiled(*args)
+            finally:
+                logger.setLevel(level)
+
+        return call
     return function

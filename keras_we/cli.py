@@ -4,6 +4,7 @@
     keras-we compare --model resnet20 --methods baseline,we-paper,we-reference \
                      --seeds 0,1,2 --epochs 6 --train-size 10000 --test-size 2000 --out DIR
     keras-we compare --preset cpu --out DIR
+    keras-we export  RUN_DIR --base-dir DIR      # TF-Serving layout DIR/<version>/
 """
 
 import argparse
@@ -69,11 +70,20 @@ def build_parser():
                          help="a named setting; explicit options override it")
     compare.add_argument("--methods", type=_choices_list(tuple(experiments.METHODS)))
     compare.add_argument("--seeds", type=_int_list)
+
+    export = commands.add_parser("export", help="export a run's model.keras for TF-Serving")
+    export.add_argument("run_dir", help="a finished run folder (holds model.keras)")
+    export.add_argument("--base-dir", required=True,
+                        help="TF-Serving model base folder; the export goes to BASE_DIR/VERSION")
+    export.add_argument("--version", type=_positive,
+                        help="version number (default: one more than the highest in BASE_DIR)")
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.command == "export":
+        return _export(args)
     preset = dict(experiments.PRESETS[getattr(args, "preset", None) or "paper"])
     models = (args.model,) if args.model else preset.pop("models")
     preset.pop("models", None)
@@ -100,6 +110,19 @@ def main(argv=None):
         summary = experiments.compare(configs, out, verbose=verbose)
         print(f"\n{model} on {preset['dataset']}, {preset['epochs']} epochs:")
         print(experiments.format_table(summary["table"]))
+    return 0
+
+
+def _export(args):
+    from keras_we import export
+
+    try:
+        export.export_run(args.run_dir, args.base_dir, version=args.version)
+    except (ValueError, TypeError, OSError, RuntimeError) as error:
+        # RuntimeError: the export differs from the model, or the backend
+        # (PyTorch) cannot write a SavedModel.
+        print(f"keras-we: error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,0 +1,80 @@
+"""The notebooks run end to end in smoke mode (`KERAS_WE_SMOKE=1`).
+
+CI runs the tests once per Keras backend; each notebook runs in the pass of
+the backend it is written for (its `KERAS_BACKEND` default), so that a full
+CI run executes each notebook once per backend it supports, on real CIFAR-10
+from `KERAS_WE_DATA_DIR`. The same check by hand, from the repository root:
+
+    KERAS_WE_SMOKE=1 KERAS_WE_DATA_DIR=../shared/data python -m pytest --nbmake notebooks/
+"""
+
+import os
+import pathlib
+
+import keras
+import pytest
+
+NOTEBOOK_DIR = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
+BACKEND = keras.backend.backend()
+
+# Notebook -> the backends it runs on (the first is its default).
+NOTEBOOKS = {
+    "01_quickstart.ipynb": ("torch",),
+    "02_inside_weight_evolution.ipynb": ("torch",),
+    "03_custom_training_loop.ipynb": ("torch", "jax"),
+    "04_export_for_tf_serving.ipynb": ("tensorflow",),
+}
+
+
+def _data_dir():
+    """The absolute data folder, or None (then keras.datasets is tried)."""
+    value = os.environ.get("KERAS_WE_DATA_DIR")
+    return os.path.abspath(value) if value else None
+
+
+def _data_available(data_dir):
+    if data_dir is not None:
+        return os.path.exists(os.path.join(data_dir, "cifar10.npz")) or data_dir.endswith(".npz")
+    cache = pathlib.Path(os.environ.get("KERAS_HOME", pathlib.Path.home() / ".keras"))
+    return (cache / "datasets" / "cifar-10-batches-py").exists()
+
+
+def test_every_notebook_is_listed():
+    assert sorted(p.name for p in NOTEBOOK_DIR.glob("*.ipynb")) == sorted(NOTEBOOKS)
+
+
+@pytest.mark.parametrize("name", sorted(NOTEBOOKS))
+def test_notebook_runs(name, monkeypatch):
+    if BACKEND not in NOTEBOOKS[name]:
+        pytest.skip(f"{name} runs in the {'/'.join(NOTEBOOKS[name])} pass(es) of the test suite")
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    data_dir = _data_dir()
+    if not _data_available(data_dir):
+        pytest.skip("CIFAR-10 is not available offline (set KERAS_WE_DATA_DIR)")
+
+    # The kernel inherits this environment; it runs in notebooks/, so the
+    # data folder is passed as an absolute path.
+    monkeypatch.setenv("KERAS_WE_SMOKE", "1")
+    monkeypatch.setenv("KERAS_BACKEND", BACKEND)
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "3")
+    if data_dir is not None:
+        monkeypatch.setenv("KERAS_WE_DATA_DIR", data_dir)
+
+    notebook = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
+    # Papermill style: the first cell holds the parameters, the second
+    # reduces them in smoke mode.
+    assert notebook.cells[0].metadata.get("tags") == ["parameters"]
+    assert 'os.environ.get("KERAS_WE_SMOKE") == "1"' in notebook.cells[1].source
+    client = nbclient.NotebookClient(
+        notebook,
+        timeout=600,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(NOTEBOOK_DIR)}},
+    )
+    client.execute()
+    errors = [
+        output for cell in notebook.cells if cell.cell_type == "code"
+        for output in cell.get("outputs", []) if output.get("output_type") == "error"
+    ]
+    assert not errors
