@@ -42,7 +42,7 @@ class EvolutionOptions:
     local_ratio: float = 0.1
     force_divisor: float = 2.0
     schedule: object = None
-    crossover: str = "paper"
+    crossover: str = "reference"
 
     def __post_init__(self):
         for name in ("conv_ratio", "gamma_ratio", "beta_ratio", "local_ratio"):

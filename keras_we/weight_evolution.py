@@ -69,7 +69,9 @@ class WeightEvolution(keras.callbacks.Callback):
             `PaperSchedule().scaled(epochs)`.
         crossover: `"paper"` (the paper's Fig. 1: the weakest element moves
             towards the dominant filter's strongest) or `"reference"` (what
-            the public code computes). Defaults to `"paper"`.
+            the public code computes, with which the paper's results were
+            obtained). Defaults to `"reference"`: in paired CPU runs it ended
+            at least as accurate as `"paper"` at every seed (README).
         frequency: evolve every `frequency` epochs, counted from
             `start_epoch`. Defaults to 1.
         start_epoch: first 0-based epoch after which to evolve. Defaults to 0.
@@ -91,7 +93,7 @@ class WeightEvolution(keras.callbacks.Callback):
         local_ratio=0.1,
         force_divisor=2,
         schedule=None,
-        crossover="paper",
+        crossover="reference",
         frequency=1,
         start_epoch=0,
         evolve_last_epoch=False,
