@@ -50,3 +50,16 @@ def compile_function(function, static_argnums=()):
 
         return call
     return function
+
+
+def read_value(variable):
+    """The current value of a Keras variable, as a backend tensor.
+
+    On TensorFlow this is an explicit read: a (Mirrored)Variable passed to a
+    `tf.function` is captured by its type, so two variables of one shape
+    would share a trace, and converting the Keras variable would go through
+    NumPy.
+    """
+    if keras.backend.backend() == "tensorflow":
+        return variable.value.read_value()
+    return variable.value

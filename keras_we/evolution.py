@@ -18,7 +18,7 @@ import numpy as np
 from keras import ops
 
 from keras_we import strategies
-from keras_we.backend_utils import compile_function
+from keras_we.backend_utils import compile_function, read_value
 from keras_we.schedule import PaperSchedule, selection_ratio
 from keras_we.validation import check_choice, check_int, check_real
 
@@ -244,9 +244,7 @@ class Evolver:
             if not targets:
                 continue
             new_values, counter, evolved, changed, skipped = evolve_group(
-                # Tensors, not variables: tf.function would take two
-                # MirroredVariables of one shape for the same input.
-                [ops.convert_to_tensor(t.variable) for t in targets],
+                [read_value(t.variable) for t in targets],
                 [_crossover_name(t, self.options.crossover) for t in targets],
                 ratios[group],
                 state[f"{group}_counter"],
