@@ -8,4 +8,12 @@ from keras_we.weight_evolution import WeightEvolution
 
 __version__ = "0.1.0"
 
-__all__ = ["WeightEvolution", "PaperSchedule", "evolve", "EvolutionReport", "export_for_serving"]
+__all__ = [
+    "WeightEvolution",
+    "PaperSchedule",
+    "evolve",
+    "EvolutionReport",
+    "export_for_serving",
+    "data",
+    "models",
+]

@@ -9,7 +9,6 @@ import math
 
 import keras
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
