@@ -299,9 +299,10 @@ def evolve_group(items, crossovers, ratio, counter, local_ratio, starvation_limi
         "entry" if name == "entry" else "depthwise" if dw else "conv"
         for name, dw in zip(crossovers, depthwise)
     ]
+    item_sizes = [_item_count(item, layout) for item, layout in zip(items, layouts)]
     buckets = _buckets(items, layouts, crossovers)
     members = [i for bucket in buckets for i in bucket]  # concatenation order
-    sizes = [_item_count(items[i], layouts[i]) for i in members]
+    sizes = [item_sizes[i] for i in members]
 
     # Scores (NaN/inf tensors score +inf, last in every sort) and finiteness.
     scored = [
@@ -328,14 +329,13 @@ def evolve_group(items, crossovers, ratio, counter, local_ratio, starvation_limi
 
     # The starvation counter runs through the layers in traversal order.
     inferior = {}
-    for i, (item, layout) in enumerate(zip(items, layouts)):
+    for i, size in enumerate(item_sizes):
         if finite[i]:
-            size = _item_count(item, layout)
             inferior[i], counter = strategies.inferior_count(size, *counts[i], counter, starvation_limit)
 
     # Forward matching and crossover, one call per bucket that evolves.
     new_items, evolved, changed = [None] * len(items), 0, []
-    pairs = {i: min(k, _item_count(items[i], layouts[i]) - k) for i, k in inferior.items()}
+    pairs = {i: min(k, item_sizes[i] - k) for i, k in inferior.items()}
     for bucket in buckets:
         if not any(pairs.get(i, 0) for i in bucket):
             continue
