@@ -18,48 +18,128 @@ def stable_argsort(x):
     return ops.argsort(x, axis=-1)
 
 
-def compile_function(function, static_argnums=()):
-    """Compiles a pure tensor function where the backend allows it.
+def segment_sum(data, segment_ids, num_segments):
+    """`keras.ops.segment_sum` over a 1-D `data`.
 
-    JAX uses `jax.jit` and TensorFlow `tf.function`, both of which compile
-    once per input shape; arguments at `static_argnums` are Python values
-    (TensorFlow treats non-tensor arguments as static by itself). PyTorch
-    runs eagerly, since `torch.compile` costs far more than the step it
-    would speed up.
+    On PyTorch, Keras reduces in float32 (float64 scores would lose
+    precision) through a slow general path; `index_add` keeps the dtype.
+    """
+    if keras.backend.backend() == "torch":
+        return _torch_segment(data, segment_ids, num_segments, "sum")
+    return ops.segment_sum(data, segment_ids, num_segments=num_segments)
+
+
+def segment_max(data, segment_ids, num_segments):
+    """`keras.ops.segment_max` over a 1-D `data` (see `segment_sum`)."""
+    if keras.backend.backend() == "torch":
+        return _torch_segment(data, segment_ids, num_segments, "amax")
+    return ops.segment_max(data, segment_ids, num_segments=num_segments)
+
+
+def segment_min(data, segment_ids, num_segments):
+    """`keras.ops.segment_min` over a 1-D `data` (see `segment_sum`)."""
+    if keras.backend.backend() == "torch":
+        return _torch_segment(data, segment_ids, num_segments, "amin")
+    return ops.segment_min(data, segment_ids, num_segments=num_segments)
+
+
+def _torch_segment(data, segment_ids, num_segments, reduction):
+    import torch
+
+    data = ops.convert_to_tensor(data)
+    ids = ops.convert_to_tensor(segment_ids).long()
+    out = torch.zeros(num_segments, dtype=data.dtype, device=data.device)
+    if reduction == "sum":
+        return out.index_add_(0, ids, data)
+    # Empty segments are 0, as in Keras.
+    return out.scatter_reduce_(0, ids, data, reduction, include_self=False)
+
+
+def true_indices(mask):
+    """Positions where the 1-D boolean `mask` is true, ascending.
+
+    Shapes must be static under `jax.jit`, so on JAX the result always has
+    `len(mask)` entries: the true positions, then zeros. Callers treat the
+    padding as they treat position 0 (see `GroupPlan.crossover`).
+    """
+    if keras.backend.backend() == "jax":
+        import jax.numpy as jnp
+
+        return jnp.nonzero(mask, size=mask.shape[0], fill_value=0)[0]
+    return ops.nonzero(mask)[0]
+
+
+def variable_function(function, variables, writes=False):
+    """Runs `function(values, *args)` on the current values of `variables`.
+
+    Returns `call(*args, write=None)`, compiled where the backend allows it.
+    `values` are the variables' values in order. With `writes=True`,
+    `function` returns `(new_values, outputs)`: the new values are stored in
+    the variables and `call` returns `outputs`.
+
+    TensorFlow reads and writes the variables inside one `tf.function`
+    (as captures, so `tf.distribute` variables stay what they are), and so
+    writes every variable (an unchanged value is stored back as it was).
+    JAX (`jax.jit`) and PyTorch (eager, without autograd) compute the new
+    values and then store those where `write[i]` is true, or all of them
+    when `write` is None.
     """
     name = keras.backend.backend()
-    if name == "jax":
-        import jax
-
-        return jax.jit(function, static_argnums=static_argnums)
     if name == "tensorflow":
         import tensorflow as tf
 
-        compiled = tf.function(function)
+        @tf.function(autograph=False)
+        def run(*args):
+            result = function([variable.value for variable in variables], *args)
+            if not writes:
+                return result
+            new_values, outputs = result
+            for variable, value in zip(variables, new_values):
+                variable.assign(value)
+            return outputs
 
-        def call(*args):
-            # One trace per bucket shape is expected; TensorFlow would warn
-            # about "retracing" after five of them.
-            logger = tf.get_logger()
-            level = logger.level
-            logger.setLevel("ERROR")
-            try:
-                return compiled(*args)
-            finally:
-                logger.setLevel(level)
+        return lambda *args, write=None: run(*args)
 
-        return call
-    return function
+    if name == "jax":
+        import jax
+
+        compiled = jax.jit(function)
+    else:
+        compiled = function
+
+    def call(*args, write=None):
+        with _no_grad():
+            result = compiled([variable.value for variable in variables], *args)
+            if not writes:
+                return result
+            new_values, outputs = result
+            for i, (variable, value) in enumerate(zip(variables, new_values)):
+                if write is None or write[i]:
+                    variable.assign(_placed_like(value, variable.value))
+        return outputs
+
+    return call
 
 
-def read_value(variable):
-    """The current value of a Keras variable, as a backend tensor.
+def _placed_like(value, current):
+    """On JAX, `value` with the sharding of the variable's `current` value.
 
-    On TensorFlow this is an explicit read: a (Mirrored)Variable passed to a
-    `tf.function` is captured by its type, so two variables of one shape
-    would share a trace, and converting the Keras variable would go through
-    NumPy.
+    A `jax.jit` output may spell an equivalent sharding differently (a
+    replicated `P(None, None)` as `P()`); the variable keeps its own.
     """
-    if keras.backend.backend() == "tensorflow":
-        return variable.value.read_value()
-    return variable.value
+    sharding = getattr(current, "sharding", None)
+    if keras.backend.backend() != "jax" or sharding is None or value.sharding == sharding:
+        return value
+    import jax
+
+    return jax.device_put(value, sharding)
+
+
+def _no_grad():
+    if keras.backend.backend() == "torch":
+        import torch
+
+        return torch.no_grad()
+    import contextlib
+
+    return contextlib.nullcontext()

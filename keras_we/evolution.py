@@ -18,7 +18,7 @@ import numpy as np
 from keras import ops
 
 from keras_we import strategies
-from keras_we.backend_utils import compile_function, read_value
+from keras_we.backend_utils import segment_min, segment_sum, true_indices, variable_function
 from keras_we.schedule import PaperSchedule, selection_ratio
 from keras_we.validation import check_choice, check_int, check_real
 
@@ -201,11 +201,300 @@ def _built(layer, variable):
     return variable
 
 
+# ---------------------------------------------------------------- groups
+
+
+@dataclasses.dataclass(frozen=True)
+class Bucket:
+    """Layers of one group whose tensors are laid side by side as *columns*.
+
+    A conv kernel `(*spatial, C, O)` reshapes, row-major, to `(S, C * O)`:
+    column `c * O + o` holds the `S` spatial values of input channel `c` of
+    filter `o` (for a depthwise kernel, column `o` is filter `o`). A
+    column's partner column sits at the same offset as its filter's partner
+    filter, so kernels with the same `S` and any channel count concatenate
+    into one `(S, M)` tensor. BatchNorm vectors concatenate to `(1, M)`.
+    """
+
+    members: tuple  # indices into the group's items
+    path: str  # "entry", "filter", "element-paper" or "element-reference"
+    spatial: int  # S (1 for BatchNorm vectors)
+    dtype: str  # the members' variable dtype
+    widths: tuple  # columns of each member
+    column_filters: object  # group-wide filter index of each column
+    column_members: object  # index into `members` of each column
+
+    def columns(self, items, dtype):
+        """The members' values as one `(S, M)` tensor, cast to `dtype`."""
+        if self.path == "entry":
+            columns = ops.expand_dims(_concatenate([items[i] for i in self.members], 0), 0)
+        else:
+            views = [ops.reshape(items[i], (self.spatial, -1)) for i in self.members]
+            columns = _concatenate(views, 1)
+        return columns if dtype == self.dtype else ops.cast(columns, dtype)
+
+    def split(self, columns, shapes):
+        """The inverse of `columns`: one tensor per member, in its shape."""
+        if self.path == "entry":
+            columns = ops.squeeze(columns, 0)
+        parts = [columns]
+        if len(self.members) > 1:
+            parts = ops.split(columns, np.cumsum(self.widths)[:-1].tolist(), axis=-1)
+        if self.path == "entry":
+            return parts
+        return [ops.reshape(part, shapes[i]) for part, i in zip(parts, self.members)]
+
+    def crossover(self, inferior, dominant, inferior_norms, dominant_norms):
+        """The crossover of paired columns `(S, P)`; returns the new inferior ones."""
+        if self.path == "entry":
+            return strategies.entry_crossover(inferior, dominant)
+        # The strategies take filters in filter layout: columns as (S, 1, P).
+        inferior, dominant = ops.expand_dims(inferior, 1), ops.expand_dims(dominant, 1)
+        if self.path == "filter":
+            new = strategies.filter_crossover(inferior, dominant, inferior_norms, dominant_norms)
+        else:
+            mode = self.path.removeprefix("element-")
+            new = strategies.element_crossover(inferior, dominant, mode=mode)
+        return ops.squeeze(new, 1)
+
+
+def _concatenate(tensors, axis):
+    return ops.concatenate(tensors, axis=axis) if len(tensors) > 1 else tensors[0]
+
+
+class GroupPlan:
+    """How the four strategies run over one group: all conv kernels, all
+    gammas or all betas, in traversal order.
+
+    Built once from the tensors' shapes. Its tensor methods (`measure`,
+    `select`, `crossover`) are pure functions of the values, so that a
+    whole model's step compiles into two calls; `inferior` is the scalar
+    bookkeeping in between, on the host. The index arrays are backend
+    tensors, made once.
+
+    Args:
+        shapes, dtypes: of each item (a Keras conv kernel or BN vector).
+        crossovers: for each item, its crossover path: "entry",
+            "filter", "element-paper" or "element-reference".
+        depthwise: for each item, whether it is a depthwise kernel.
+    """
+
+    def __init__(self, shapes, dtypes, crossovers, depthwise=None):
+        self.shapes = [tuple(shape) for shape in shapes]
+        depthwise = depthwise or [False] * len(shapes)
+        self.layouts = [
+            "entry" if name == "entry" else "depthwise" if dw else "conv"
+            for name, dw in zip(crossovers, depthwise)
+        ]
+        self.sizes = [_item_count(s, layout) for s, layout in zip(self.shapes, self.layouts)]
+        self.count = sum(self.sizes)
+        layer_ids = np.repeat(np.arange(len(shapes), dtype="int32"), self.sizes)
+        self.layer_ids = ops.convert_to_tensor(layer_ids)
+        self.dtypes = [keras.backend.standardize_dtype(d) for d in dtypes]
+        # Scores accumulate in float32 at least, also for float16 variables.
+        self.compute_dtype = "float64" if "float64" in self.dtypes else "float32"
+        channels = [s[-2] if layout == "conv" else 1 for s, layout in zip(self.shapes, self.layouts)]
+        self.channels = ops.convert_to_tensor(np.repeat(channels, self.sizes), self.compute_dtype)
+        self.filter_ids = ops.convert_to_tensor(np.arange(self.count, dtype="int32"))
+        self.buckets = self._buckets(crossovers)
+        self.column_filters = ops.concatenate([b.column_filters for b in self.buckets])
+        self.bucket_members = ops.convert_to_tensor(
+            np.concatenate([b.members for b in self.buckets]).astype("int32"))
+
+    def _buckets(self, crossovers):
+        starts = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype("int32")
+        keyed = {}
+        for i, (shape, layout) in enumerate(zip(self.shapes, self.layouts)):
+            spatial = 1 if layout == "entry" else math.prod(shape[:-2])
+            keyed.setdefault((crossovers[i], spatial, self.dtypes[i]), []).append(i)
+        buckets = []
+        for (crossover, spatial, dtype), members in keyed.items():
+            widths, filters = [], []
+            for i in members:
+                shape = self.shapes[i]
+                width = math.prod(shape) // spatial
+                # Column j of a regular kernel belongs to filter j % O.
+                per_row = shape[-1] if self.layouts[i] == "conv" else width
+                widths.append(width)
+                filters.append(starts[i] + np.arange(width, dtype="int32") % per_row)
+            buckets.append(Bucket(
+                tuple(members), crossover, spatial, dtype, tuple(widths),
+                ops.convert_to_tensor(np.concatenate(filters)),
+                ops.convert_to_tensor(np.repeat(np.arange(len(members), dtype="int32"), widths)),
+            ))
+        return buckets
+
+    def position(self, ratio, finite=None):
+        """Global threshold position among the items of finite layers."""
+        count = self.count if finite is None else int(np.dot(self.sizes, finite))
+        return strategies.threshold_position(count, ratio) if count else 0
+
+    # ------------------------------------------------------ tensor functions
+
+    def measure(self, items, position, local_ratio):
+        """The group's columns (see `Bucket`) and norms, and for each layer whether it is
+        finite and its globally important and locally weak counts, stacked
+        as `(3, layers)` ints.
+
+        Norms are filters' L1 norms (BN entries' magnitudes), the sum of
+        their columns'. A layer is finite when its norms are, that is when
+        it holds no NaN or inf (and no values so large that a norm
+        overflows). `position` assumes every layer finite; see `inferior`.
+        """
+        columns = [bucket.columns(items, self.compute_dtype) for bucket in self.buckets]
+        sums = ops.concatenate([ops.sum(ops.abs(c), axis=0) for c in columns])
+        norms = segment_sum(sums, self.column_filters, self.count)
+        finite = segment_min(
+            ops.cast(ops.isfinite(norms), "int32"), self.layer_ids, len(self.sizes))
+        facts = ops.stack([finite, *self.select(norms, finite, position, local_ratio)])
+        return columns, norms, facts
+
+    def scores(self, norms, finite):
+        """Filter scores (L1 norm / input channels), +inf in skipped layers."""
+        return ops.where(ops.take(finite, self.layer_ids), norms / self.channels, float("inf"))
+
+    def select(self, norms, finite, position, local_ratio):
+        """Global then local selection: important and weak counts per layer."""
+        scores = self.scores(norms, finite > 0)
+        threshold = strategies.global_threshold(scores, position)
+        return strategies.local_counts(
+            scores, threshold, local_ratio, self.layer_ids, len(self.sizes))
+
+    def crossover(self, columns, norms, facts, counts):
+        """Forward matching and crossover with `counts[l]` inferior items in
+        layer `l`, on `measure`'s columns. Returns the new tensors, one per
+        item (unchanged where nothing evolves), and how many values of each
+        changed.
+
+        Only the columns of paired filters are gathered, crossed over and
+        scattered back.
+        """
+        partner, paired = strategies.forward_pairs(
+            self.scores(norms, facts[0] > 0), counts, self.layer_ids, self.sizes)
+        shift = partner - self.filter_ids
+        new_items, changed = [None] * len(self.shapes), []
+        for bucket, bucket_columns in zip(self.buckets, columns):
+            new, bucket_changed = self._bucket_crossover(bucket, bucket_columns, norms, paired, shift)
+            changed.append(bucket_changed)
+            for i, value in zip(bucket.members, bucket.split(new, self.shapes)):
+                new_items[i] = value
+        changed = segment_sum(ops.concatenate(changed), self.bucket_members, len(self.shapes))
+        return new_items, changed
+
+    def _bucket_crossover(self, bucket, columns, norms, paired, shift):
+        paired_columns = ops.take(paired, bucket.column_filters)
+        index = true_indices(paired_columns)
+        if bucket.dtype != self.compute_dtype:
+            columns = ops.cast(columns, bucket.dtype)
+        if index.shape[0] == 0:  # no pair here (a shape known when eager)
+            return columns, ops.zeros(len(bucket.members), "int32")
+        filters = ops.take(bucket.column_filters, index)
+        offset = ops.take(shift, filters)  # to the partner filter, and column
+        inferior = ops.take(columns, index, axis=1)
+        dominant = ops.take(columns, index + offset, axis=1)
+        new = bucket.crossover(
+            ops.cast(inferior, self.compute_dtype), ops.cast(dominant, self.compute_dtype),
+            ops.take(norms, filters), ops.take(norms, filters + offset))
+        new = ops.cast(new, bucket.dtype)
+        # Keep the old value where a result is not finite (a value that fits
+        # float32 may overflow a narrower dtype) and in JAX's padding, which
+        # is unpaired or repeats a paired column (see `true_indices`).
+        keep = ops.logical_not(ops.logical_and(ops.isfinite(new), ops.take(paired_columns, index)))
+        new = ops.where(keep, inferior, new)
+        real = ops.arange(ops.shape(index)[0]) < ops.sum(ops.cast(paired_columns, "int32"))
+        moved = ops.sum(ops.cast(new != inferior, "int32"), axis=0) * ops.cast(real, "int32")
+        changed = segment_sum(moved, ops.take(bucket.column_members, index), len(bucket.members))
+        # Scatter the new columns back, as rows of the transpose.
+        rows = ops.scatter_update(ops.transpose(columns), ops.expand_dims(index, 1), ops.transpose(new))
+        return ops.transpose(rows), changed
+
+    # ---------------------------------------------------------------- host
+
+    def inferior(self, facts, ratio, counter, starvation_limit, reselect):
+        """The starvation counter through the layers: inferior counts.
+
+        `facts` is `measure`'s `(3, layers)` array on the host. When some
+        layer is not finite, the threshold position (which assumed all
+        finite) is recomputed without it and `reselect(position)` gives
+        the counts.
+
+        Returns `(counts, counter, skipped)`: inferior items per layer, the
+        counter after the last layer, and the indices of skipped layers.
+        """
+        finite, important, weak = np.asarray(facts)
+        finite = finite > 0
+        if not finite.all():
+            important, weak = (np.asarray(ops.convert_to_numpy(x))
+                               for x in reselect(self.position(ratio, finite)))
+        counts = np.zeros(len(self.sizes), "int32")
+        for i, size in enumerate(self.sizes):
+            if finite[i]:
+                counts[i], counter = strategies.inferior_count(
+                    size, important[i], weak[i], counter, starvation_limit)
+        return counts, counter, np.flatnonzero(~finite).tolist()
+
+    def pairs(self, counts):
+        """Inferior items that get a partner, per layer."""
+        return np.minimum(counts, np.asarray(self.sizes) - counts)
+
+
+def evolve_group(items, crossovers, ratio, counter, local_ratio, starvation_limit, depthwise=None):
+    """The four strategies over one group, eagerly: all conv kernels, gammas
+    or betas of a model (the `Evolver` does the same, compiled, for all
+    three groups at once).
+
+    Args:
+        items: one tensor per layer, in traversal order: conv kernels in
+            Keras layout, or BatchNorm vectors.
+        crossovers: for each item, its crossover path: "entry",
+            "filter", "element-paper" or "element-reference".
+        ratio: the selection ratio `r(e)` of this group.
+        counter: the starvation counter before the first layer.
+        local_ratio: local selection fraction of a layer's best score.
+        starvation_limit: the integer ceiling of `K / force_divisor`.
+        depthwise: for each item, whether it is a depthwise kernel.
+
+    Returns:
+        `(new_items, counter, evolved, changed, skipped)`: the new tensors
+        (None where nothing changed), the counter after the last layer, the
+        number of inferior items rewritten, the number of values changed and
+        the indices of items skipped for holding NaN or inf.
+    """
+    plan = GroupPlan([item.shape for item in items], [item.dtype for item in items],
+                     crossovers, depthwise)
+    rows, norms, facts = plan.measure(items, plan.position(ratio), local_ratio)
+    counts, counter, skipped = plan.inferior(
+        ops.convert_to_numpy(facts), ratio, counter, starvation_limit,
+        lambda position: plan.select(norms, facts[0], position, local_ratio))
+    pairs = plan.pairs(counts)
+    new_items, changed = plan.crossover(rows, norms, facts, ops.convert_to_tensor(counts))
+    changed = ops.convert_to_numpy(changed)
+    new_items = [new if pairs[i] else None for i, new in enumerate(new_items)]
+    return new_items, counter, int(pairs.sum()), int(changed[pairs > 0].sum()), skipped
+
+
+def _crossover_name(target, mode):
+    if target.group != "conv":
+        return "entry"
+    if strategies.uses_filter_crossover(target.variable.shape, mode):
+        return "filter"
+    return f"element-{mode}"
+
+
+def _item_count(shape, layout):
+    return shape[-2] * shape[-1] if layout == "depthwise" else shape[-1]
+
+
 # ---------------------------------------------------------------- evolver
 
 
 class Evolver:
-    """Runs evolution steps on one model, reusing its compiled pieces."""
+    """Runs evolution steps on one model, compiled once.
+
+    A step is two compiled calls over all groups: `measure` (norms and the
+    selection counts), then, after the starvation counters run on the host,
+    `crossover`, which also writes the evolved variables.
+    """
 
     def __init__(self, model, options):
         if not model.built:
@@ -229,6 +518,39 @@ class Evolver:
                 UserWarning,
                 stacklevel=3,
             )
+        self.groups = {}  # group -> (indices into targets, GroupPlan)
+        for group in GROUPS:
+            members = [i for i, t in enumerate(self.targets) if t.group == group]
+            if members:
+                targets = [self.targets[i] for i in members]
+                self.groups[group] = members, GroupPlan(
+                    [t.variable.shape for t in targets],
+                    [t.variable.dtype for t in targets],
+                    [_crossover_name(t, options.crossover) for t in targets],
+                    [t.depthwise for t in targets],
+                )
+        variables = [t.variable for t in self.targets]
+        self._measure = variable_function(self._measure_values, variables)
+        self._crossover = variable_function(self._crossover_values, variables, writes=True)
+
+    def _group_items(self, values):
+        return [[values[i] for i in members] for members, _ in self.groups.values()]
+
+    def _measure_values(self, values, positions):
+        return [
+            plan.measure(items, positions[k], self.options.local_ratio)
+            for k, ((_, plan), items) in enumerate(zip(self.groups.values(), self._group_items(values)))
+        ]
+
+    def _crossover_values(self, values, measured, counts):
+        new_values, changed = list(values), []
+        for (members, plan), (rows, norms, facts), group_counts in zip(
+                self.groups.values(), measured, counts):
+            new_items, group_changed = plan.crossover(rows, norms, facts, group_counts)
+            for i, value in zip(members, new_items):
+                new_values[i] = value
+            changed.append(group_changed)
+        return new_values, changed
 
     def __call__(self, epoch, state):
         """Evolves the model after `epoch`; returns `(report, new_state)`."""
@@ -239,26 +561,27 @@ class Evolver:
             return report, state
 
         new_state = dict(state)
-        for group in GROUPS:
-            targets = [t for t in self.targets if t.group == group]
-            if not targets:
-                continue
-            new_values, counter, evolved, changed, skipped = evolve_group(
-                [read_value(t.variable) for t in targets],
-                [_crossover_name(t, self.options.crossover) for t in targets],
-                ratios[group],
-                state[f"{group}_counter"],
-                self.options.local_ratio,
-                self.starvation_limit,
-                depthwise=[t.depthwise for t in targets],
-            )
-            for target, value in zip(targets, new_values):
-                if value is not None:
-                    target.variable.assign(value)
-            new_state[f"{group}_counter"] = counter
-            setattr(report, f"{group}_evolved", evolved)
-            report.changed_elements += changed
-            report.skipped += [targets[i].path for i in skipped]
+        positions = [plan.position(ratios[g]) for g, (_, plan) in self.groups.items()]
+        measured = self._measure(ops.convert_to_tensor(positions, "int32"))
+        counts, write, evolving = [], [False] * len(self.targets), []
+        for (group, (members, plan)), (_, norms, facts) in zip(self.groups.items(), measured):
+            group_counts, new_state[f"{group}_counter"], skipped = plan.inferior(
+                ops.convert_to_numpy(facts), ratios[group],
+                state[f"{group}_counter"], self.starvation_limit,
+                lambda p, plan=plan, norms=norms, facts=facts: plan.select(
+                    norms, facts[0], p, self.options.local_ratio))
+            pairs = plan.pairs(group_counts)
+            setattr(report, f"{group}_evolved", int(pairs.sum()))
+            report.skipped += [self.targets[members[i]].path for i in skipped]
+            counts.append(ops.convert_to_tensor(group_counts))
+            evolving.append(pairs > 0)
+            for i in np.flatnonzero(pairs):
+                write[members[i]] = True
+
+        if any(write):
+            changed = self._crossover(measured, counts, write=write)
+            report.changed_elements = int(sum(
+                ops.convert_to_numpy(c)[mask].sum() for c, mask in zip(changed, evolving)))
         if report.skipped:
             warnings.warn(
                 "Weight Evolution skipped variables holding NaN or inf: "
@@ -267,208 +590,6 @@ class Evolver:
                 stacklevel=2,
             )
         return report, new_state
-
-
-def evolve_group(items, crossovers, ratio, counter, local_ratio, starvation_limit, depthwise=None):
-    """The four strategies over one group: all conv kernels, gammas or betas.
-
-    The scalar bookkeeping (threshold position, starvation counter) runs on
-    the host. The tensor work runs in compiled functions over *buckets*:
-    layers of the same layout, filter shape and crossover, concatenated
-    along the filter axis, so that a model costs a few calls, not a few per
-    layer. Buckets are capped in size to bound the memory a step needs.
-
-    Args:
-        items: one tensor per layer, in traversal order: conv kernels in
-            Keras layout, or BatchNorm vectors.
-        crossovers: for each item, a name from `CROSSOVERS`.
-        ratio: the selection ratio `r(e)` of this group.
-        counter: the starvation counter before the first layer.
-        local_ratio: local selection fraction of a layer's best score.
-        starvation_limit: the integer ceiling of `K / force_divisor`.
-        depthwise: for each item, whether it is a depthwise kernel.
-
-    Returns:
-        `(new_items, counter, evolved, changed, skipped)`: the new tensors
-        (None where nothing changed), the counter after the last layer, the
-        number of inferior items rewritten, the number of values changed and
-        the indices of items skipped for holding NaN or inf.
-    """
-    depthwise = depthwise or [False] * len(items)
-    layouts = [
-        "entry" if name == "entry" else "depthwise" if dw else "conv"
-        for name, dw in zip(crossovers, depthwise)
-    ]
-    item_sizes = [_item_count(item, layout) for item, layout in zip(items, layouts)]
-    buckets = _buckets(items, layouts, crossovers)
-    members = [i for bucket in buckets for i in bucket]  # concatenation order
-    sizes = [item_sizes[i] for i in members]
-
-    # Scores (NaN/inf tensors score +inf, last in every sort) and finiteness.
-    scored = [
-        _compiled(_bucket_scores)([items[i] for i in bucket], layouts[bucket[0]])
-        for bucket in buckets
-    ]
-    finite = np.concatenate([ops.convert_to_numpy(flags) for _, flags in scored])
-    finite = dict(zip(members, finite.tolist()))
-    scores = ops.concatenate([bucket_scores for bucket_scores, _ in scored])
-
-    # Global and local selection, all layers' counts in one transfer.
-    finite_count = sum(n for i, n in zip(members, sizes) if finite[i])
-    position = strategies.threshold_position(finite_count, ratio) if finite_count else 0
-    layer_ids = np.repeat(np.arange(len(members), dtype="int32"), sizes)
-    important, weak = _compiled(_selection)(
-        scores,
-        ops.convert_to_tensor(position, "int32"),
-        local_ratio,
-        ops.convert_to_tensor(layer_ids),
-        len(members),
-    )
-    counts = dict(zip(members, zip(ops.convert_to_numpy(important).tolist(),
-                                   ops.convert_to_numpy(weak).tolist())))
-
-    # The starvation counter runs through the layers in traversal order.
-    inferior = {}
-    for i, size in enumerate(item_sizes):
-        if finite[i]:
-            inferior[i], counter = strategies.inferior_count(size, *counts[i], counter, starvation_limit)
-
-    # Forward matching and crossover, one call per bucket that evolves.
-    new_items, evolved, changed = [None] * len(items), 0, []
-    pairs = {i: min(k, item_sizes[i] - k) for i, k in inferior.items()}
-    for bucket in buckets:
-        if not any(pairs.get(i, 0) for i in bucket):
-            continue
-        results, bucket_changed = _compiled(_bucket_evolve)(
-            [items[i] for i in bucket],
-            ops.convert_to_tensor([inferior.get(i, 0) for i in bucket], "int32"),
-            layouts[bucket[0]],
-            crossovers[bucket[0]],
-        )
-        for i, result in zip(bucket, results):
-            if pairs.get(i, 0):
-                new_items[i] = result
-                evolved += pairs[i]
-        changed.append((bucket, bucket_changed))
-    changed = sum(
-        c for bucket, counts in changed
-        for i, c in zip(bucket, ops.convert_to_numpy(counts).tolist()) if pairs.get(i, 0)
-    )
-    skipped = [i for i in range(len(items)) if not finite[i]]
-    return new_items, counter, evolved, int(changed), skipped
-
-
-CROSSOVERS = {
-    "entry": strategies.entry_crossover,
-    "filter": strategies.filter_crossover,
-    "element-paper": functools.partial(strategies.element_crossover, mode="paper"),
-    "element-reference": functools.partial(strategies.element_crossover, mode="reference"),
-}
-
-# Buckets hold at most this many values, or one layer if it is larger, so
-# a step's extra memory stays a small multiple of the largest kernel.
-BUCKET_VALUES = 2**20
-
-
-def _crossover_name(target, mode):
-    if target.group != "conv":
-        return "entry"
-    if strategies.uses_filter_crossover(target.variable.shape, mode):
-        return "filter"
-    return f"element-{mode}"
-
-
-def _item_count(item, layout):
-    shape = tuple(item.shape)
-    return shape[-2] * shape[-1] if layout == "depthwise" else shape[-1]
-
-
-def _buckets(items, layouts, crossovers):
-    """Groups layers that can be concatenated along the filter axis."""
-    open_buckets, buckets = {}, []
-    for i, (item, layout, crossover) in enumerate(zip(items, layouts, crossovers)):
-        shape = tuple(item.shape)
-        rows = shape[:-2] if layout == "depthwise" else shape[:-1]
-        key = (layout, crossover, math.prod(rows), str(item.dtype))
-        if layout == "conv":
-            key += (shape[-2],)
-        bucket = open_buckets.get(key)
-        if bucket is None or bucket[1] + math.prod(shape) > BUCKET_VALUES:
-            bucket = open_buckets[key] = [[], 0]
-            buckets.append(bucket[0])
-        bucket[0].append(i)
-        bucket[1] += math.prod(shape)
-    return buckets
-
-
-def _bucket_view(values, layout):
-    """A bucket's layers side by side in filter layout (or one BN vector)."""
-    if layout == "entry":
-        views = values
-    else:
-        views = [strategies.filter_layout(v, depthwise=layout == "depthwise") for v in values]
-    sizes = [view.shape[-1] for view in views]
-    layer_ids = np.repeat(np.arange(len(views), dtype="int32"), sizes)
-    return ops.concatenate(views, axis=-1), sizes, layer_ids
-
-
-def _compute_dtype(values):
-    # Scores accumulate in float32 at least, also for float16 variables.
-    dtype = keras.backend.standardize_dtype(values.dtype)
-    return "float64" if dtype == "float64" else "float32"
-
-
-def _view_scores(view):
-    if len(view.shape) == 1:
-        return strategies.entry_scores(view)
-    return strategies.filter_scores(view)
-
-
-def _bucket_scores(values, layout):
-    """Scores of a bucket's items, +inf for layers holding NaN or inf, and
-    whether each layer is finite."""
-    view, sizes, layer_ids = _bucket_view(values, layout)
-    finite_items = ops.isfinite(view)
-    if len(view.shape) > 1:
-        finite_items = ops.all(finite_items, axis=(0, 1))
-    finite = ops.segment_min(ops.cast(finite_items, "int32"), layer_ids, num_segments=len(sizes)) > 0
-    scores = _view_scores(ops.cast(view, _compute_dtype(view)))
-    return ops.where(ops.take(finite, layer_ids), scores, float("inf")), finite
-
-
-def _selection(scores, position, local_ratio, layer_ids, layers):
-    threshold = strategies.global_threshold(scores, position)
-    return strategies.local_counts(scores, threshold, local_ratio, layer_ids, layers)
-
-
-def _bucket_evolve(values, counts, layout, crossover):
-    """Forward matching and crossover of a bucket's layers, `counts[l]`
-    inferior items in layer `l`; returns the new tensors and how many
-    values of each changed."""
-    view, sizes, layer_ids = _bucket_view(values, layout)
-    filters = ops.cast(view, _compute_dtype(view))
-    partner, paired = strategies.forward_pairs(_view_scores(filters), counts, layer_ids, sizes)
-    result = ops.cast(CROSSOVERS[crossover](filters, partner, paired), view.dtype)
-    # A value that fits float32 may overflow a narrower variable dtype.
-    result = ops.where(ops.isfinite(result), result, view)
-    moved = ops.cast(result != view, "int32")
-    if len(view.shape) > 1:
-        moved = ops.sum(moved, axis=(0, 1))
-    changed = ops.segment_sum(moved, layer_ids, num_segments=len(sizes))
-    parts = ops.split(result, np.cumsum(sizes)[:-1].tolist(), axis=-1) if len(values) > 1 else [result]
-    return [ops.reshape(part, value.shape) for part, value in zip(parts, values)], changed
-
-
-@functools.cache
-def _compiled_for(function, backend):
-    return compile_function(function, static_argnums=_STATIC_ARGS.get(function, ()))
-
-
-def _compiled(function):
-    return _compiled_for(function, keras.backend.backend())
-
-
-_STATIC_ARGS = {_bucket_scores: (1,), _selection: (4,), _bucket_evolve: (2, 3)}
 
 
 # ---------------------------------------------------------------- evolve()

@@ -16,7 +16,7 @@ import math
 import numpy as np
 from keras import ops
 
-from keras_we.backend_utils import stable_argsort
+from keras_we.backend_utils import segment_max, segment_sum, stable_argsort
 
 CROSSOVER_MODES = ("paper", "reference")
 
@@ -56,10 +56,14 @@ def uses_filter_crossover(kernel_shape, mode):
 # ---------------------------------------------------------------- scores
 
 
+def filter_norms(filters):
+    """L1 norm of each filter."""
+    return ops.sum(ops.abs(filters), axis=(0, 1))
+
+
 def filter_scores(filters):
     """L1 norm of each filter divided by its number of input channels."""
-    channels = filters.shape[1]
-    return ops.sum(ops.abs(filters), axis=(0, 1)) / channels
+    return filter_norms(filters) / filters.shape[1]
 
 
 def entry_scores(values):
@@ -104,12 +108,12 @@ def local_counts(scores, threshold, local_ratio, layer_ids=None, layers=1):
     """
     if layer_ids is None:
         layer_ids = ops.zeros(scores.shape, "int32")
-    best = ops.segment_max(scores, layer_ids, num_segments=layers)
+    best = segment_max(scores, layer_ids, layers)
     weak = scores <= local_ratio * ops.take(best, layer_ids)
     important = scores >= threshold
     return (
-        ops.segment_sum(ops.cast(important, "int32"), layer_ids, num_segments=layers),
-        ops.segment_sum(ops.cast(weak, "int32"), layer_ids, num_segments=layers),
+        segment_sum(ops.cast(important, "int32"), layer_ids, layers),
+        segment_sum(ops.cast(weak, "int32"), layer_ids, layers),
     )
 
 
@@ -176,7 +180,9 @@ def forward_pairs(scores, counts, layer_ids=None, sizes=None):
     start = ops.take(starts, layer_ids)
     size = ops.take(np.asarray(sizes, "int32"), layer_ids)
     count = ops.take(ops.reshape(counts, (-1,)), layer_ids)
-    rank = ops.argsort(order) - start
+    # Each item's rank in its layer: the inverse permutation of `order`.
+    positions = ops.arange(scores.shape[0], dtype="int32")
+    rank = ops.scatter_update(positions, ops.expand_dims(order, 1), positions) - start
     offset = rank - (size - count)
     paired = ops.logical_and(offset >= 0, offset < ops.minimum(count, size - count))
     partner = ops.take(order, start + ops.clip(offset, 0, size - 1))
@@ -201,45 +207,58 @@ def blend(x, y, weight_x, weight_y):
     return mixed, valid
 
 
-def entry_crossover(values, partner, paired):
-    """Crossover of BatchNorm entries: `J <- a*J + (1-a)*D`, `a = |J|/(|J|+|D|)`."""
-    dominant = ops.take(values, partner)
-    mixed, valid = blend(values, dominant, ops.abs(values), ops.abs(dominant))
-    return ops.where(ops.logical_and(paired, valid), mixed, values)
+def entry_crossover(inferior, dominant):
+    """Crossover of BatchNorm entries: `J <- a*J + (1-a)*D`, `a = |J|/(|J|+|D|)`.
+
+    `inferior` and `dominant` hold the paired entries `J` and `D`, pair by
+    pair; returns the new `J`.
+    """
+    mixed, valid = blend(inferior, dominant, ops.abs(inferior), ops.abs(dominant))
+    return ops.where(valid, mixed, inferior)
 
 
-def filter_crossover(filters, partner, paired):
-    """Crossover of whole filters: `J <- a*J + (1-a)*D`, `a = L1(J)/(L1(J)+L1(D))`."""
-    norms = ops.sum(ops.abs(filters), axis=(0, 1))
-    dominant = ops.take(filters, partner, axis=2)
-    mixed, valid = blend(filters, dominant, norms, ops.take(norms, partner))
-    return ops.where(ops.logical_and(paired, valid), mixed, filters)
+def filter_crossover(inferior, dominant, inferior_norms=None, dominant_norms=None):
+    """Crossover of whole filters: `J <- a*J + (1-a)*D`, `a = L1(J)/(L1(J)+L1(D))`.
+
+    `inferior` and `dominant` hold the paired filters in filter layout
+    `(S, C, P)`, pair `p` being `inferior[..., p]` and `dominant[..., p]`;
+    returns the new inferior filters. The L1 norms are computed from them
+    unless given: a caller that splits filters into parts, e.g. one per
+    input channel, passes each part its whole filter's norm.
+    """
+    if inferior_norms is None:
+        inferior_norms = filter_norms(inferior)
+    if dominant_norms is None:
+        dominant_norms = filter_norms(dominant)
+    mixed, valid = blend(inferior, dominant, inferior_norms, dominant_norms)
+    return ops.where(valid, mixed, inferior)
 
 
-def element_crossover(filters, partner, paired, mode="paper"):
+def element_crossover(inferior, dominant, mode="paper"):
     """Crossover of single elements, one per input channel of each filter.
 
-    For each channel, `l` is the dominant filter's element of largest
-    magnitude and `s` the inferior filter's element of smallest magnitude
-    (the first in row-major order on ties). Every element of the inferior
-    channel equal to `s` becomes
+    `inferior` and `dominant` hold the paired filters in filter layout
+    `(S, C, P)`. For each channel, `l` is the dominant filter's element of
+    largest magnitude and `s` the inferior filter's element of smallest
+    magnitude (the first in row-major order on ties). Every element of the
+    inferior channel equal to `s` becomes
 
     - `paper`: `a*s + (1-a)*l` with `a = |s| / (|s| + |l|)`, the paper's
       Fig. 1: the weak element moves most of the way to the strong one;
     - `reference`: `l*a + s*(1-a)` with `a = s / (s + l)`, signed, which is
       what the public code computes (`2sl / (s+l)`, about `2s`).
+
+    Returns the new inferior filters.
     """
-    dominant = ops.take(filters, partner, axis=2)
     largest = _first_extreme(dominant, largest=True)
-    smallest = _first_extreme(filters, largest=False)
+    smallest = _first_extreme(inferior, largest=False)
     if mode == "paper":
         value, valid = blend(smallest, largest, ops.abs(smallest), ops.abs(largest))
     else:
         # The public code swaps the roles of the two elements in its blend.
         value, valid = blend(largest, smallest, smallest, largest)
-    chosen = ops.logical_and(paired, valid)
-    replace = ops.logical_and(filters == smallest, chosen)
-    return ops.where(replace, value, filters)
+    replace = ops.logical_and(inferior == smallest, valid)
+    return ops.where(replace, value, inferior)
 
 
 def _first_extreme(filters, largest):
@@ -257,6 +276,6 @@ def _first_extreme(filters, largest):
     positions = ops.reshape(ops.arange(size, dtype="int32"), (size, 1, 1))
     first = ops.min(ops.where(magnitude == target, positions, size), axis=0)
     # A NaN matches nothing; keep the index in range (such tensors are
-    # skipped, but may share a bucket with evolving ones).
+    # skipped, but may be computed alongside evolving ones).
     first = ops.minimum(first, size - 1)
     return ops.take_along_axis(filters, first[None], axis=0)[0]

@@ -41,13 +41,14 @@ def scalar(x):
     return int(np.asarray(numpy(x)).reshape(()))
 
 
-def pairs_of(size, mapping):
-    """`(partner, paired)` tensors pairing inferior `j` with dominant `mapping[j]`."""
-    partner = np.zeros(size, "int32")
-    paired = np.zeros(size, bool)
-    for j, d in mapping.items():
-        partner[j], paired[j] = d, True
-    return tensor(partner, "int32"), ops.convert_to_tensor(paired)
+def crossed(crossover, values, mapping, **kwargs):
+    """`values` (filter layout or BN vector, NumPy) after `crossover` of each
+    inferior item `j` with the dominant item `mapping[j]` (last axis)."""
+    inferior, dominant = list(mapping), list(mapping.values())
+    new = crossover(tensor(values[..., inferior]), tensor(values[..., dominant]), **kwargs)
+    out = values.copy()
+    out[..., inferior] = numpy(new)
+    return out
 
 
 def same_variables(found, expected):
@@ -373,8 +374,8 @@ def test_entry_crossover_hand_numbers():
     # 3 <- 2: both 0, denominator 0: unchanged
     # 5 <- 4: J = 0, a = 0 -> J = D = 1
     # 7 <- 6: a = 1/5; .2*1 + .8*(-4) = -3
-    values = tensor([2.0, -0.5, 0.0, 0.0, 1.0, 0.0, -4.0, 1.0])
-    new = numpy(strategies.entry_crossover(values, *pairs_of(8, {1: 0, 3: 2, 5: 4, 7: 6})))
+    values = np.array([2.0, -0.5, 0.0, 0.0, 1.0, 0.0, -4.0, 1.0], "float32")
+    new = crossed(strategies.entry_crossover, values, {1: 0, 3: 2, 5: 4, 7: 6})
     np.testing.assert_allclose(new, [2.0, 1.5, 0.0, 0.0, 1.0, 1.0, -4.0, -3.0], rtol=1e-6)
 
 
@@ -383,13 +384,30 @@ def test_filter_crossover_hand_numbers():
     filters = np.zeros((1, 2, 5), "float32")
     filters[0, :, 0] = [1.0, -2.0]
     filters[0, :, 1] = [0.5, 0.5]
-    new = numpy(strategies.filter_crossover(tensor(filters), *pairs_of(5, {1: 0, 2: 0, 3: 4})))
+    new = crossed(strategies.filter_crossover, filters, {1: 0, 2: 0, 3: 4})
     want = filters.copy()
     # f1: a = 1/4 -> .25*[.5, .5] + .75*[1, -2] = [.875, -1.375]
     want[0, :, 1] = [0.875, -1.375]
     # f2 = 0 with D = f0: a = 0 -> f2 = f0; f3 <- f4: 0/0, unchanged
     want[0, :, 2] = [1.0, -2.0]
     np.testing.assert_allclose(new, want, rtol=1e-6)
+
+
+def test_filter_crossover_by_parts_with_whole_norms():
+    # Each input channel crossed over on its own, given its whole filter's
+    # norms, is the whole-filter crossover.
+    rng = np.random.default_rng(3)
+    filters = rng.normal(size=(1, 3, 4)).astype("float32")
+    mapping = {2: 0, 3: 1}
+    whole = crossed(strategies.filter_crossover, filters, mapping)
+    norms = np.abs(filters).sum(axis=(0, 1))
+    parts = filters.copy()
+    for c in range(3):
+        parts[:, c:c + 1] = crossed(
+            strategies.filter_crossover, filters[:, c:c + 1], mapping,
+            inferior_norms=tensor(norms[[2, 3]]), dominant_norms=tensor(norms[[0, 1]]))
+    assert not np.array_equal(whole, filters)
+    np.testing.assert_allclose(parts, whole, rtol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -406,7 +424,7 @@ def test_filter_crossover_hand_numbers():
 def test_element_crossover_paper_figure(small, large, mode, expected):
     # layout (S=2, C=1, O=2): D = [l, 1], J = [s, .5]
     filters = np.array([[[large, small]], [[1.0, 0.5]]], "float32")
-    new = numpy(strategies.element_crossover(tensor(filters), *pairs_of(2, {1: 0}), mode=mode))
+    new = crossed(strategies.element_crossover, filters, {1: 0}, mode=mode)
     assert round(float(new[0, 0, 1]), 4) == round(expected, 4)
     np.testing.assert_array_equal(new[:, :, 0], filters[:, :, 0])  # dominant unchanged
     assert new[1, 0, 1] == 0.5
@@ -433,7 +451,7 @@ def test_element_crossover_per_channel_signed_ties(mode, channel0, channel1):
     filters[:, 1, 0] = [0.0, 4.0, -4.0, 1.0]
     filters[:, 0, 1] = [0.5, 0.25, -1.0, 0.25]
     filters[:, 1, 1] = [-0.5, 2.0, 0.5, -0.5]
-    new = numpy(strategies.element_crossover(tensor(filters), *pairs_of(2, {1: 0}), mode=mode))
+    new = crossed(strategies.element_crossover, filters, {1: 0}, mode=mode)
     np.testing.assert_array_equal(new[..., 0], filters[..., 0])
     np.testing.assert_allclose(new[:, 0, 1], channel0, rtol=1e-6)
     np.testing.assert_allclose(new[:, 1, 1], channel1, rtol=1e-6)
@@ -448,9 +466,8 @@ def test_element_crossover_row_major_ties_in_kernel(mode, value):
     kernel = np.zeros((2, 2, 1, 2), "float32")
     kernel[..., 0, 0] = [[1.0, -3.0], [3.0, 0.0]]
     kernel[..., 0, 1] = [[0.5, 0.25], [-0.25, 1.0]]
-    layout = strategies.filter_layout(tensor(kernel))
-    new = strategies.element_crossover(layout, *pairs_of(2, {1: 0}), mode=mode)
-    new = numpy(ops.reshape(new, kernel.shape))
+    layout = numpy(strategies.filter_layout(tensor(kernel)))
+    new = crossed(strategies.element_crossover, layout, {1: 0}, mode=mode).reshape(kernel.shape)
     np.testing.assert_allclose(new[..., 0, 1], [[0.5, value], [-0.25, 1.0]], rtol=1e-6)
     np.testing.assert_array_equal(new[..., 0], kernel[..., 0])
 
@@ -472,8 +489,7 @@ def test_element_crossover_zero_denominators(mode, want):
     filters[:, 0, 3] = [0.0, 1.0]
     filters[:, 0, 4] = [-0.5, 0.25]
     filters[:, 0, 5] = [0.5, 1.0]
-    new = numpy(strategies.element_crossover(
-        tensor(filters), *pairs_of(6, {1: 0, 3: 2, 5: 4}), mode=mode))
+    new = crossed(strategies.element_crossover, filters, {1: 0, 3: 2, 5: 4}, mode=mode)
     assert np.isfinite(new).all()
     for j, values in want.items():
         np.testing.assert_array_equal(new[:, 0, j], values)
@@ -494,12 +510,11 @@ def test_crossovers_match_oracle_and_stay_finite(mode):
         mapping = {int(j): int(d) for j, d in mapping.items()}
         if trial == 0:
             mapping = {1: 0}
-        args = pairs_of(8, mapping)
         for path in ("element", "filter"):
             if path == "element":
-                new = numpy(strategies.element_crossover(tensor(filters), *args, mode=mode))
+                new = crossed(strategies.element_crossover, filters, mapping, mode=mode)
             else:
-                new = numpy(strategies.filter_crossover(tensor(filters), *args))
+                new = crossed(strategies.filter_crossover, filters, mapping)
             want = filters.astype(np.float64)
             for j, d in mapping.items():
                 want[:, :, j] = oracle_crossover(path, filters[:, :, d], filters[:, :, j], mode)
@@ -672,6 +687,18 @@ def case_same_shapes():
     return layers, targets, []
 
 
+def case_mixed_channels():
+    # 3x3 kernels of 3, 6, 1 (depthwise) and 8 input channels, which an
+    # implementation may lay side by side: partners and counts must still
+    # stay within each layer and channel.
+    a = built(keras.layers.Conv2D(6, 3, use_bias=False), (None, 6, 6, 3))
+    b = built(keras.layers.Conv2D(4, 3, use_bias=False), (None, 6, 6, 6))
+    c = built(keras.layers.DepthwiseConv2D(3, depth_multiplier=2, use_bias=False), (None, 6, 6, 4))
+    d = built(keras.layers.Conv2D(5, 3, use_bias=False), (None, 6, 6, 8))
+    targets = [(a.kernel, "conv"), (b.kernel, "conv"), (c.kernel, "depthwise"), (d.kernel, "conv")]
+    return [a, b, c, d], targets, []
+
+
 CASES = {
     "conv1d": case_conv1d,
     "conv3d": case_conv3d,
@@ -682,6 +709,7 @@ CASES = {
     "batchnorm_scale_center": case_batchnorm,
     "lora_conv2d": case_lora,
     "same_shapes": case_same_shapes,
+    "mixed_channels": case_mixed_channels,
 }
 E2E_HP = {"conv_ratio": 1.0, "gamma_ratio": 1.0, "beta_ratio": 1.0}
 
@@ -697,8 +725,9 @@ def test_evolve_matches_oracle(name):
     frozen = [numpy(v).copy() for v in untouched]
     # Tensors 1 and 3 have no weak item, so they are usually starved and, with
     # K = 2 (limit 1), forced. Separable (K = 4) keeps weak items everywhere so
-    # that both its kernels evolve; same_shapes starves one BN vector of each kind.
-    plain = {"separable": (), "same_shapes": (2, 6)}.get(name, (1, 3))
+    # that both its kernels evolve (mixed_channels too); same_shapes starves one
+    # BN vector of each kind.
+    plain = {"separable": (), "mixed_channels": (), "same_shapes": (2, 6)}.get(name, (1, 3))
     initial = random_values(targets, seed=sum(map(ord, name)), plain=plain)
     ever_changed = np.zeros(len(targets), bool)
     for mode in MODES:
