@@ -332,9 +332,9 @@ class GroupPlan:
     # ------------------------------------------------------ tensor functions
 
     def measure(self, items, position, local_ratio):
-        """The group's columns (see `Bucket`) and norms, and for each layer whether it is
-        finite and its globally important and locally weak counts, stacked
-        as `(3, layers)` ints.
+        """The group's columns (see `Bucket`) and norms, and for each layer
+        whether it is finite and its globally important and locally weak
+        counts, stacked as `(3, layers)` ints.
 
         Norms are filters' L1 norms (BN entries' magnitudes), the sum of
         their columns'. A layer is finite when its norms are, that is when
@@ -462,12 +462,12 @@ def evolve_group(items, crossovers, ratio, counter, local_ratio, starvation_limi
     """
     plan = GroupPlan([item.shape for item in items], [item.dtype for item in items],
                      crossovers, depthwise)
-    rows, norms, facts = plan.measure(items, plan.position(ratio), local_ratio)
+    columns, norms, facts = plan.measure(items, plan.position(ratio), local_ratio)
     counts, counter, skipped = plan.inferior(
         ops.convert_to_numpy(facts), ratio, counter, starvation_limit,
         lambda position: plan.select(norms, facts[0], position, local_ratio))
     pairs = plan.pairs(counts)
-    new_items, changed = plan.crossover(rows, norms, facts, ops.convert_to_tensor(counts))
+    new_items, changed = plan.crossover(columns, norms, facts, ops.convert_to_tensor(counts))
     changed = ops.convert_to_numpy(changed)
     new_items = [new if pairs[i] else None for i, new in enumerate(new_items)]
     return new_items, counter, int(pairs.sum()), int(changed[pairs > 0].sum()), skipped
@@ -544,9 +544,9 @@ class Evolver:
 
     def _crossover_values(self, values, measured, counts):
         new_values, changed = list(values), []
-        for (members, plan), (rows, norms, facts), group_counts in zip(
+        for (members, plan), (columns, norms, facts), group_counts in zip(
                 self.groups.values(), measured, counts):
-            new_items, group_changed = plan.crossover(rows, norms, facts, group_counts)
+            new_items, group_changed = plan.crossover(columns, norms, facts, group_counts)
             for i, value in zip(members, new_items):
                 new_values[i] = value
             changed.append(group_changed)

@@ -1,7 +1,7 @@
 """Properties of one evolution step on random layer stacks (hypothesis).
 
 Kernels of random shapes with magnitudes from 1e-8 to 1e4, exact zeros and
-single-filter layers go through `evolve_group`, the function the callback
+single-filter layers go through `evolve_group` (the steps the callback
 compiles, and through `keras_we.evolve` on real layers.
 """
 
