@@ -56,16 +56,15 @@ def _torch_segment(data, segment_ids, num_segments, reduction):
 
 
 def true_indices(mask):
-    """Positions where the 1-D boolean `mask` is true, ascending.
+    """Positions where the 1-D boolean `mask` is true, ascending, or None
+    for "all positions".
 
-    Shapes must be static under `jax.jit`, so on JAX the result always has
-    `len(mask)` entries: the true positions, then zeros. Callers treat the
-    padding as they treat position 0 (see `GroupPlan.crossover`).
+    Shapes must be static under `jax.jit`, so JAX works on every position
+    (None) and callers keep results only where `mask` is true; the other
+    backends gather the true positions and work on those alone.
     """
     if keras.backend.backend() == "jax":
-        import jax.numpy as jnp
-
-        return jnp.nonzero(mask, size=mask.shape[0], fill_value=0)[0]
+        return None
     return ops.nonzero(mask)[0]
 
 

@@ -382,28 +382,35 @@ class GroupPlan:
         return new_items, changed
 
     def _bucket_crossover(self, bucket, columns, norms, paired, shift):
+        """Crossover of a bucket's paired columns: the new columns, and how
+        many values of each member changed."""
         paired_columns = ops.take(paired, bucket.column_filters)
-        index = true_indices(paired_columns)
+        index = true_indices(paired_columns)  # None: all columns
         if bucket.dtype != self.compute_dtype:
             columns = ops.cast(columns, bucket.dtype)
-        if index.shape[0] == 0:  # no pair here (a shape known when eager)
+        if index is not None and index.shape[0] == 0:  # no pair (known when eager)
             return columns, ops.zeros(len(bucket.members), "int32")
-        filters = ops.take(bucket.column_filters, index)
+
+        def gather(x, positions=index):
+            return x if positions is None else ops.take(x, positions, axis=-1)
+
+        filters = gather(bucket.column_filters)
         offset = ops.take(shift, filters)  # to the partner filter, and column
-        inferior = ops.take(columns, index, axis=1)
-        dominant = ops.take(columns, index + offset, axis=1)
+        partners = gather(ops.arange(columns.shape[1], dtype="int32")) + offset
+        inferior = gather(columns)
+        dominant = ops.take(columns, partners, axis=1)
         new = bucket.crossover(
             ops.cast(inferior, self.compute_dtype), ops.cast(dominant, self.compute_dtype),
             ops.take(norms, filters), ops.take(norms, filters + offset))
         new = ops.cast(new, bucket.dtype)
-        # Keep the old value where a result is not finite (a value that fits
-        # float32 may overflow a narrower dtype) and in JAX's padding, which
-        # is unpaired or repeats a paired column (see `true_indices`).
-        keep = ops.logical_not(ops.logical_and(ops.isfinite(new), ops.take(paired_columns, index)))
+        # Keep the old value in unpaired columns and where a result is not
+        # finite (a value that fits float32 may overflow a narrower dtype).
+        keep = ops.logical_not(ops.logical_and(ops.isfinite(new), gather(paired_columns)))
         new = ops.where(keep, inferior, new)
-        real = ops.arange(ops.shape(index)[0]) < ops.sum(ops.cast(paired_columns, "int32"))
-        moved = ops.sum(ops.cast(new != inferior, "int32"), axis=0) * ops.cast(real, "int32")
-        changed = segment_sum(moved, ops.take(bucket.column_members, index), len(bucket.members))
+        moved = ops.sum(ops.cast(new != inferior, "int32"), axis=0)
+        changed = segment_sum(moved, gather(bucket.column_members), len(bucket.members))
+        if index is None:
+            return new, changed
         # Scatter the new columns back, as rows of the transpose.
         rows = ops.scatter_update(ops.transpose(columns), ops.expand_dims(index, 1), ops.transpose(new))
         return ops.transpose(rows), changed
