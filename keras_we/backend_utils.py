@@ -59,11 +59,12 @@ def true_indices(mask):
     """Positions where the 1-D boolean `mask` is true, ascending, or None
     for "all positions".
 
-    Shapes must be static under `jax.jit`, so JAX works on every position
-    (None) and callers keep results only where `mask` is true; the other
-    backends gather the true positions and work on those alone.
+    Compiled steps (JAX, TensorFlow with XLA) need static shapes, so they
+    work on every position (None) and callers keep the results where
+    `mask` is true; eager PyTorch gathers the true positions and works on
+    those alone.
     """
-    if keras.backend.backend() == "jax":
+    if keras.backend.backend() != "torch":
         return None
     return ops.nonzero(mask)[0]
 
@@ -77,17 +78,22 @@ def variable_function(function, variables, writes=False):
     the variables and `call` returns `outputs`.
 
     TensorFlow reads and writes the variables inside one `tf.function`
-    (as captures, so `tf.distribute` variables stay what they are), and so
-    writes every variable (an unchanged value is stored back as it was).
-    JAX (`jax.jit`) and PyTorch (eager, without autograd) compute the new
-    values and then store those where `write[i]` is true, or all of them
-    when `write` is None.
+    compiled with XLA, but for `tf.distribute` variables (the variables are
+    captured, so those stay what they are), and so writes every variable (an
+    unchanged value is stored back as it was). JAX (`jax.jit`) and PyTorch
+    (eager, without autograd) compute the new values and then store those
+    where `write[i]` is true, or all of them when `write` is None.
     """
     name = keras.backend.backend()
     if name == "tensorflow":
         import tensorflow as tf
 
-        @tf.function(autograph=False)
+        # XLA fuses the step's many small ops; it cannot reach the replicas
+        # of `tf.distribute` variables, which then run uncompiled.
+        distributed = any(
+            isinstance(v.value, tf.distribute.DistributedValues) for v in variables)
+
+        @tf.function(autograph=False, jit_compile=not distributed)
         def run(*args):
             result = function([variable.value for variable in variables], *args)
             if not writes:

@@ -201,27 +201,28 @@ def _built(layer, variable):
     return variable
 
 
-# ---------------------------------------------------------------- groups
+# ---------------------------------------------------------------- plan
 
 
 @dataclasses.dataclass(frozen=True)
 class Bucket:
-    """Layers of one group whose tensors are laid side by side as *columns*.
+    """Tensors of a `Plan` laid side by side as *columns*.
 
     A conv kernel `(*spatial, C, O)` reshapes, row-major, to `(S, C * O)`:
     column `c * O + o` holds the `S` spatial values of input channel `c` of
     filter `o` (for a depthwise kernel, column `o` is filter `o`). A
     column's partner column sits at the same offset as its filter's partner
     filter, so kernels with the same `S` and any channel count concatenate
-    into one `(S, M)` tensor. BatchNorm vectors concatenate to `(1, M)`.
+    into one `(S, M)` tensor. BatchNorm vectors, gammas and betas alike,
+    concatenate to `(1, M)`.
     """
 
-    members: tuple  # indices into the group's items
+    members: tuple  # indices into the plan's items
     path: str  # "entry", "filter", "element-paper" or "element-reference"
     spatial: int  # S (1 for BatchNorm vectors)
     dtype: str  # the members' variable dtype
     widths: tuple  # columns of each member
-    column_filters: object  # group-wide filter index of each column
+    column_filters: object  # plan-wide filter index of each column
     column_members: object  # index into `members` of each column
 
     def columns(self, items, dtype):
@@ -233,14 +234,16 @@ class Bucket:
             columns = _concatenate(views, 1)
         return columns if dtype == self.dtype else ops.cast(columns, dtype)
 
-    def split(self, columns, shapes):
-        """The inverse of `columns`: one tensor per member, in its shape."""
-        if self.path == "entry":
+    def split(self, columns, shapes=None, flat=False):
+        """The inverse of `columns`: one tensor per member, in its shape.
+        With `flat`, `columns` holds one value per column, and so do the
+        parts."""
+        if self.path == "entry" and not flat:
             columns = ops.squeeze(columns, 0)
         parts = [columns]
         if len(self.members) > 1:
             parts = ops.split(columns, np.cumsum(self.widths)[:-1].tolist(), axis=-1)
-        if self.path == "entry":
+        if self.path == "entry" or flat:
             return parts
         return [ops.reshape(part, shapes[i]) for part, i in zip(parts, self.members)]
 
@@ -262,24 +265,27 @@ def _concatenate(tensors, axis):
     return ops.concatenate(tensors, axis=axis) if len(tensors) > 1 else tensors[0]
 
 
-class GroupPlan:
-    """How the four strategies run over one group: all conv kernels, all
-    gammas or all betas, in traversal order.
+class Plan:
+    """How the four strategies run over a model's tensors: its conv kernels,
+    gammas and betas, each group in traversal order, one group after another.
 
     Built once from the tensors' shapes. Its tensor methods (`measure`,
     `select`, `crossover`) are pure functions of the values, so that a
     whole model's step compiles into two calls; `inferior` is the scalar
-    bookkeeping in between, on the host. The index arrays are backend
-    tensors, made once.
+    bookkeeping in between, on the host. The groups share every tensor
+    operation but global selection, which ranks each group on its own. The
+    index arrays are backend tensors, made once.
 
     Args:
         shapes, dtypes: of each item (a Keras conv kernel or BN vector).
         crossovers: for each item, its crossover path: "entry",
             "filter", "element-paper" or "element-reference".
         depthwise: for each item, whether it is a depthwise kernel.
+        groups: for each item, its group, `0, 1, ...` in non-decreasing
+            order; by default all items form one group.
     """
 
-    def __init__(self, shapes, dtypes, crossovers, depthwise=None):
+    def __init__(self, shapes, dtypes, crossovers, depthwise=None, groups=None):
         self.shapes = [tuple(shape) for shape in shapes]
         depthwise = depthwise or [False] * len(shapes)
         self.layouts = [
@@ -288,8 +294,14 @@ class GroupPlan:
         ]
         self.sizes = [_item_count(s, layout) for s, layout in zip(self.shapes, self.layouts)]
         self.count = sum(self.sizes)
-        layer_ids = np.repeat(np.arange(len(shapes), dtype="int32"), self.sizes)
-        self.layer_ids = ops.convert_to_tensor(layer_ids)
+        self.layer_ids = ops.convert_to_tensor(
+            np.repeat(np.arange(len(shapes), dtype="int32"), self.sizes))
+        groups = np.asarray(groups if groups is not None else [0] * len(shapes), "int32")
+        # Per group: its layers, and the slice of items it holds.
+        self.group_layers = [np.flatnonzero(groups == g) for g in range(groups.max(initial=0) + 1)]
+        ends = np.cumsum([sum(self.sizes[i] for i in layers) for layers in self.group_layers])
+        self.group_slices = list(zip([0, *ends[:-1].tolist()], ends.tolist()))
+        self.item_groups = ops.convert_to_tensor(np.repeat(groups, self.sizes))
         self.dtypes = [keras.backend.standardize_dtype(d) for d in dtypes]
         # Scores accumulate in float32 at least, also for float16 variables.
         self.compute_dtype = "float64" if "float64" in self.dtypes else "float32"
@@ -324,39 +336,69 @@ class GroupPlan:
             ))
         return buckets
 
-    def position(self, ratio, finite=None):
-        """Global threshold position among the items of finite layers."""
-        count = self.count if finite is None else int(np.dot(self.sizes, finite))
-        return strategies.threshold_position(count, ratio) if count else 0
+    def positions(self, ratios, finite=None):
+        """Each group's global threshold position among the items of its
+        finite layers (all layers when `finite` is None)."""
+        positions = []
+        for layers, ratio in zip(self.group_layers, ratios):
+            count = sum(self.sizes[i] for i in layers if finite is None or finite[i])
+            positions.append(strategies.threshold_position(count, ratio) if count else 0)
+        return positions
 
     # ------------------------------------------------------ tensor functions
 
-    def measure(self, items, position, local_ratio):
-        """The group's columns (see `Bucket`) and norms, and for each layer
+    def measure(self, items, positions, local_ratio):
+        """The columns (see `Bucket`) and norms, and for each layer
         whether it is finite and its globally important and locally weak
         counts, stacked as `(3, layers)` ints.
 
         Norms are filters' L1 norms (BN entries' magnitudes), the sum of
         their columns'. A layer is finite when its norms are, that is when
         it holds no NaN or inf (and no values so large that a norm
-        overflows). `position` assumes every layer finite; see `inferior`.
+        overflows). `positions` (one per group) assume every layer finite;
+        see `inferior`.
         """
         columns = [bucket.columns(items, self.compute_dtype) for bucket in self.buckets]
-        sums = ops.concatenate([ops.sum(ops.abs(c), axis=0) for c in columns])
-        norms = segment_sum(sums, self.column_filters, self.count)
+        norms = self._norms([ops.sum(ops.abs(c), axis=0) for c in columns])
         finite = segment_min(
             ops.cast(ops.isfinite(norms), "int32"), self.layer_ids, len(self.sizes))
-        facts = ops.stack([finite, *self.select(norms, finite, position, local_ratio)])
+        facts = ops.stack([finite, *self.select(norms, finite, positions, local_ratio)])
         return columns, norms, facts
+
+    def _norms(self, sums):
+        """Filters' L1 norms, from each bucket's column sums: a filter's
+        norm is the sum of its columns'.
+
+        Eager PyTorch, where every op costs dispatch time, adds all columns
+        into their filters at once. Compiled backends sum each kernel's
+        `(C, O)` column sums over `C` instead, since XLA's scatter over
+        millions of columns is slow.
+        """
+        if keras.backend.backend() == "torch":
+            return segment_sum(ops.concatenate(sums), self.column_filters, self.count)
+        norms = [None] * len(self.shapes)
+        for bucket, bucket_sums in zip(self.buckets, sums):
+            for i, part in zip(bucket.members, bucket.split(bucket_sums, flat=True)):
+                if self.layouts[i] == "conv":
+                    part = ops.sum(ops.reshape(part, (self.shapes[i][-2], -1)), axis=0)
+                norms[i] = part
+        return _concatenate(norms, 0)
 
     def scores(self, norms, finite):
         """Filter scores (L1 norm / input channels), +inf in skipped layers."""
         return ops.where(ops.take(finite, self.layer_ids), norms / self.channels, float("inf"))
 
-    def select(self, norms, finite, position, local_ratio):
-        """Global then local selection: important and weak counts per layer."""
+    def select(self, norms, finite, positions, local_ratio):
+        """Global selection in each group, then local selection in each
+        layer: important and weak counts per layer."""
         scores = self.scores(norms, finite > 0)
-        threshold = strategies.global_threshold(scores, position)
+        thresholds = [
+            strategies.global_threshold(scores[start:end], positions[g])
+            for g, (start, end) in enumerate(self.group_slices)
+        ]
+        threshold = thresholds[0]
+        if len(thresholds) > 1:
+            threshold = ops.take(ops.stack(thresholds), self.item_groups)
         return strategies.local_counts(
             scores, threshold, local_ratio, self.layer_ids, len(self.sizes))
 
@@ -399,9 +441,12 @@ class GroupPlan:
         partners = gather(ops.arange(columns.shape[1], dtype="int32")) + offset
         inferior = gather(columns)
         dominant = ops.take(columns, partners, axis=1)
+        pair_norms = (None, None)
+        if bucket.path == "filter":
+            pair_norms = ops.take(norms, filters), ops.take(norms, filters + offset)
         new = bucket.crossover(
             ops.cast(inferior, self.compute_dtype), ops.cast(dominant, self.compute_dtype),
-            ops.take(norms, filters), ops.take(norms, filters + offset))
+            *pair_norms)
         new = ops.cast(new, bucket.dtype)
         # Keep the old value in unpaired columns and where a result is not
         # finite (a value that fits float32 may overflow a narrower dtype).
@@ -417,28 +462,30 @@ class GroupPlan:
 
     # ---------------------------------------------------------------- host
 
-    def inferior(self, facts, ratio, counter, starvation_limit, reselect):
-        """The starvation counter through the layers: inferior counts.
+    def inferior(self, facts, ratios, counters, starvation_limit, reselect):
+        """The starvation counters through the layers: inferior counts.
 
         `facts` is `measure`'s `(3, layers)` array on the host. When some
-        layer is not finite, the threshold position (which assumed all
-        finite) is recomputed without it and `reselect(position)` gives
+        layer is not finite, the threshold positions (which assumed all
+        finite) are recomputed without it and `reselect(positions)` gives
         the counts.
 
-        Returns `(counts, counter, skipped)`: inferior items per layer, the
-        counter after the last layer, and the indices of skipped layers.
+        Returns `(counts, counters, skipped)`: inferior items per layer, each
+        group's counter after its last layer, and the indices of skipped
+        layers.
         """
         finite, important, weak = np.asarray(facts)
         finite = finite > 0
         if not finite.all():
             important, weak = (np.asarray(ops.convert_to_numpy(x))
-                               for x in reselect(self.position(ratio, finite)))
-        counts = np.zeros(len(self.sizes), "int32")
-        for i, size in enumerate(self.sizes):
-            if finite[i]:
-                counts[i], counter = strategies.inferior_count(
-                    size, important[i], weak[i], counter, starvation_limit)
-        return counts, counter, np.flatnonzero(~finite).tolist()
+                               for x in reselect(self.positions(ratios, finite)))
+        counts, counters = np.zeros(len(self.sizes), "int32"), list(counters)
+        for g, layers in enumerate(self.group_layers):
+            for i in layers:
+                if finite[i]:
+                    counts[i], counters[g] = strategies.inferior_count(
+                        self.sizes[i], important[i], weak[i], counters[g], starvation_limit)
+        return counts, counters, np.flatnonzero(~finite).tolist()
 
     def pairs(self, counts):
         """Inferior items that get a partner, per layer."""
@@ -467,12 +514,13 @@ def evolve_group(items, crossovers, ratio, counter, local_ratio, starvation_limi
         number of inferior items rewritten, the number of values changed and
         the indices of items skipped for holding NaN or inf.
     """
-    plan = GroupPlan([item.shape for item in items], [item.dtype for item in items],
-                     crossovers, depthwise)
-    columns, norms, facts = plan.measure(items, plan.position(ratio), local_ratio)
-    counts, counter, skipped = plan.inferior(
-        ops.convert_to_numpy(facts), ratio, counter, starvation_limit,
-        lambda position: plan.select(norms, facts[0], position, local_ratio))
+    plan = Plan([item.shape for item in items], [item.dtype for item in items],
+                crossovers, depthwise)
+    positions = plan.positions([ratio])
+    columns, norms, facts = plan.measure(items, positions, local_ratio)
+    counts, (counter,), skipped = plan.inferior(
+        ops.convert_to_numpy(facts), [ratio], [counter], starvation_limit,
+        lambda positions: plan.select(norms, facts[0], positions, local_ratio))
     pairs = plan.pairs(counts)
     new_items, changed = plan.crossover(columns, norms, facts, ops.convert_to_tensor(counts))
     changed = ops.convert_to_numpy(changed)
@@ -498,9 +546,9 @@ def _item_count(shape, layout):
 class Evolver:
     """Runs evolution steps on one model, compiled once.
 
-    A step is two compiled calls over all groups: `measure` (norms and the
-    selection counts), then, after the starvation counters run on the host,
-    `crossover`, which also writes the evolved variables.
+    A step is two compiled calls over the model's `Plan`: `measure` (norms
+    and the selection counts), then, after the starvation counters run on
+    the host, `crossover`, which also writes the evolved variables.
     """
 
     def __init__(self, model, options):
@@ -525,39 +573,26 @@ class Evolver:
                 UserWarning,
                 stacklevel=3,
             )
-        self.groups = {}  # group -> (indices into targets, GroupPlan)
-        for group in GROUPS:
-            members = [i for i, t in enumerate(self.targets) if t.group == group]
-            if members:
-                targets = [self.targets[i] for i in members]
-                self.groups[group] = members, GroupPlan(
-                    [t.variable.shape for t in targets],
-                    [t.variable.dtype for t in targets],
-                    [_crossover_name(t, options.crossover) for t in targets],
-                    [t.depthwise for t in targets],
-                )
-        variables = [t.variable for t in self.targets]
-        self._measure = variable_function(self._measure_values, variables)
+        # The plan holds the targets group by group: conv, gamma, beta.
+        self.groups = [g for g in GROUPS if any(t.group == g for t in self.targets)]
+        self.order = sorted(range(len(self.targets)),
+                            key=lambda i: self.groups.index(self.targets[i].group))
+        targets = [self.targets[i] for i in self.order]
+        self.plan = Plan(
+            [t.variable.shape for t in targets],
+            [t.variable.dtype for t in targets],
+            [_crossover_name(t, options.crossover) for t in targets],
+            [t.depthwise for t in targets],
+            [self.groups.index(t.group) for t in targets],
+        )
+        variables = [t.variable for t in targets]
+        local_ratio = options.local_ratio
+        self._measure = variable_function(
+            lambda values, positions: self.plan.measure(values, positions, local_ratio), variables)
         self._crossover = variable_function(self._crossover_values, variables, writes=True)
 
-    def _group_items(self, values):
-        return [[values[i] for i in members] for members, _ in self.groups.values()]
-
-    def _measure_values(self, values, positions):
-        return [
-            plan.measure(items, positions[k], self.options.local_ratio)
-            for k, ((_, plan), items) in enumerate(zip(self.groups.values(), self._group_items(values)))
-        ]
-
-    def _crossover_values(self, values, measured, counts):
-        new_values, changed = list(values), []
-        for (members, plan), (columns, norms, facts), group_counts in zip(
-                self.groups.values(), measured, counts):
-            new_items, group_changed = plan.crossover(columns, norms, facts, group_counts)
-            for i, value in zip(members, new_items):
-                new_values[i] = value
-            changed.append(group_changed)
-        return new_values, changed
+    def _crossover_values(self, values, columns, norms, facts, counts):
+        return self.plan.crossover(columns, norms, facts, counts)
 
     def __call__(self, epoch, state):
         """Evolves the model after `epoch`; returns `(report, new_state)`."""
@@ -567,28 +602,22 @@ class Evolver:
         if not self.kernel_count:
             return report, state
 
-        new_state = dict(state)
-        positions = [plan.position(ratios[g]) for g, (_, plan) in self.groups.items()]
-        measured = self._measure(ops.convert_to_tensor(positions, "int32"))
-        counts, write, evolving = [], [False] * len(self.targets), []
-        for (group, (members, plan)), (_, norms, facts) in zip(self.groups.items(), measured):
-            group_counts, new_state[f"{group}_counter"], skipped = plan.inferior(
-                ops.convert_to_numpy(facts), ratios[group],
-                state[f"{group}_counter"], self.starvation_limit,
-                lambda p, plan=plan, norms=norms, facts=facts: plan.select(
-                    norms, facts[0], p, self.options.local_ratio))
-            pairs = plan.pairs(group_counts)
-            setattr(report, f"{group}_evolved", int(pairs.sum()))
-            report.skipped += [self.targets[members[i]].path for i in skipped]
-            counts.append(ops.convert_to_tensor(group_counts))
-            evolving.append(pairs > 0)
-            for i in np.flatnonzero(pairs):
-                write[members[i]] = True
-
-        if any(write):
-            changed = self._crossover(measured, counts, write=write)
-            report.changed_elements = int(sum(
-                ops.convert_to_numpy(c)[mask].sum() for c, mask in zip(changed, evolving)))
+        plan, group_ratios = self.plan, [ratios[g] for g in self.groups]
+        positions = plan.positions(group_ratios)
+        columns, norms, facts = self._measure(ops.convert_to_tensor(positions, "int32"))
+        counts, counters, skipped = plan.inferior(
+            ops.convert_to_numpy(facts), group_ratios,
+            [state[f"{g}_counter"] for g in self.groups], self.starvation_limit,
+            lambda positions: plan.select(norms, facts[0], positions, self.options.local_ratio))
+        new_state = dict(state, **{f"{g}_counter": c for g, c in zip(self.groups, counters)})
+        pairs = plan.pairs(counts)
+        for g, layers in zip(self.groups, plan.group_layers):
+            setattr(report, f"{g}_evolved", int(pairs[layers].sum()))
+        report.skipped = [self.targets[self.order[i]].path for i in skipped]
+        if pairs.any():
+            changed = self._crossover(columns, norms, facts, ops.convert_to_tensor(counts),
+                                      write=(pairs > 0).tolist())
+            report.changed_elements = int(ops.convert_to_numpy(changed)[pairs > 0].sum())
         if report.skipped:
             warnings.warn(
                 "Weight Evolution skipped variables holding NaN or inf: "

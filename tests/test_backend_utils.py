@@ -45,8 +45,8 @@ def test_segments_of_ints_match_keras(name):
 def test_true_indices(mask):
     mask = np.array(mask, bool)
     got = backend_utils.true_indices(ops.convert_to_tensor(mask))
-    if keras.backend.backend() == "jax":
-        assert got is None  # static shapes: every position
+    if keras.backend.backend() != "torch":
+        assert got is None  # compiled, static shapes: every position
     else:
         np.testing.assert_array_equal(numpy(got), np.flatnonzero(mask))
 

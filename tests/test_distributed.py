@@ -275,9 +275,12 @@ def test_runs_distributed(kind):
 @ALL_KINDS
 def test_lr0_fit_equals_evolve_by_hand(kind):
     """Learning rate 0: `fit` moves weights only by evolution, so the result
-    is exactly `keras_we.evolve` run by hand on one device."""
+    is `keras_we.evolve` run by hand on one device: the same counts, and
+    the same weights up to the last bits (on TensorFlow the single-device
+    step is compiled with XLA, which may round a blend differently, and the
+    distributed one is not)."""
     run = run_scenario(kind)["0.0"]
-    assert run["mismatch"] == {}
+    assert max(run["mismatch"].values(), default=0.0) <= 1e-6, run["mismatch"]
     assert run["moved"] and set(run["moved"]) <= set(run["targets"])
     for epoch, by_hand in enumerate(run["by_hand"]):
         for key, count in by_hand.items():
