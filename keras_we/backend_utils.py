@@ -51,7 +51,8 @@ def _torch_segment(data, segment_ids, num_segments, reduction):
     out = torch.zeros(num_segments, dtype=data.dtype, device=data.device)
     if reduction == "sum":
         return out.index_add_(0, ids, data)
-    # Empty segments are 0, as in Keras.
+    # Every segment here has items (a layer has filters); an empty one
+    # would read 0.
     return out.scatter_reduce_(0, ids, data, reduction, include_self=False)
 
 

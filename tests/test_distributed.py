@@ -59,6 +59,7 @@ import numpy as np
 
 import keras_we
 from keras_we.evolution import find_targets
+from tests.utils import tiny_cnn
 
 if kind == "jax-data-parallel":
     import jax
@@ -72,20 +73,8 @@ EPOCHS = 3
 
 
 def build(lr):
-    """Conv2D + BN + DepthwiseConv2D + BN + Conv2D 1x1 + GAP + Dense."""
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([
-        keras.Input((8, 8, 3)),
-        keras.layers.Conv2D(8, 3, padding="same", use_bias=False),
-        keras.layers.BatchNormalization(),
-        keras.layers.ReLU(),
-        keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False),
-        keras.layers.BatchNormalization(),
-        keras.layers.ReLU(),
-        keras.layers.Conv2D(16, 1, use_bias=False),
-        keras.layers.GlobalAveragePooling2D(),
-        keras.layers.Dense(3),
-    ])
+    """`tests.utils.tiny_cnn` with weak filters and BN entries, compiled."""
+    model = tiny_cnn(0)
     for index in (0, 3, 6):  # three inferior filters in every conv
         kernel = model.layers[index].kernel
         weak = keras.ops.convert_to_numpy(kernel).copy()

@@ -1,8 +1,8 @@
 """Properties of one evolution step on random layer stacks (hypothesis).
 
 Kernels of random shapes with magnitudes from 1e-8 to 1e4, exact zeros and
-single-filter layers go through `evolve_group` (the steps the callback
-compiles, and through `keras_we.evolve` on real layers.
+single-filter layers go through `evolve_group` (the `Plan` steps the
+callback compiles, run eagerly) and through `keras_we.evolve` on real layers.
 """
 
 import math

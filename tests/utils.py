@@ -4,10 +4,10 @@ import keras
 import numpy as np
 
 
-def small_cnn(seed=0):
-    """A tiny CNN whose first conv has some dead (all-zero) filters."""
+def tiny_cnn(seed=0):
+    """Conv2D + BN + DepthwiseConv2D + BN + Conv2D 1x1 + GAP + Dense, seeded."""
     keras.utils.set_random_seed(seed)
-    model = keras.Sequential(
+    return keras.Sequential(
         [
             keras.Input((8, 8, 3)),
             keras.layers.Conv2D(8, 3, padding="same", use_bias=False),
@@ -21,6 +21,11 @@ def small_cnn(seed=0):
             keras.layers.Dense(3),
         ]
     )
+
+
+def small_cnn(seed=0):
+    """`tiny_cnn` whose first conv has three nearly dead filters, compiled."""
+    model = tiny_cnn(seed)
     kernel = model.layers[0].kernel
     weak = keras.ops.convert_to_numpy(kernel).copy()
     weak[..., :3] *= 1e-3  # three inferior filters
