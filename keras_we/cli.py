@@ -1,15 +1,22 @@
 """The `keras-we` command (also `python -m keras_we`).
 
-    keras-we train   --model resnet56 --method we-paper --epochs 200 --seed 0 --out DIR
+    keras-we compare --preset cpu --out DIR      # the default preset; 2 CPU cores
+    keras-we compare --preset smoke --out DIR    # a check of a few minutes
+    keras-we train   --preset paper --model resnet56 --method we-paper --epochs 200 --seed 0 --out DIR
     keras-we compare --model resnet20 --methods baseline,we-paper,we-reference \
                      --seeds 0,1,2 --epochs 6 --train-size 10000 --test-size 2000 --out DIR
-    keras-we compare --preset cpu --out DIR
     keras-we export  RUN_DIR --base-dir DIR      # TF-Serving layout DIR/<version>/
+
+`train` and `compare` start from a preset (`--preset`, default `cpu`), which
+explicit options override, and print the effective setting before training.
 """
 
 import argparse
 import os
 import sys
+import textwrap
+
+import keras
 
 from keras_we import experiments
 
@@ -41,6 +48,21 @@ def _positive(text):
     return value
 
 
+ALL = "all"
+
+
+def _size(text):
+    return ALL if text == ALL else _positive(text)
+
+
+def _presets_epilog():
+    lines = [f"presets (--preset; default {experiments.DEFAULT_PRESET}; explicit options override them):"]
+    for name in experiments.PRESETS:
+        lines.append(textwrap.fill(experiments.PRESET_HELP[name], width=79, initial_indent=f"  {name:<7}",
+                                   subsequent_indent=" " * 9))
+    return "\n".join(lines)
+
+
 def build_parser():
     from keras_we import models
 
@@ -48,28 +70,42 @@ def build_parser():
     commands = parser.add_subparsers(dest="command", required=True)
 
     def common(sub):
-        sub.add_argument("--model", help=f"one of {', '.join(models.names())}, or a keras.applications name")
+        sub.add_argument("--preset", choices=tuple(experiments.PRESETS), default=experiments.DEFAULT_PRESET,
+                         help=f"the setting to start from (default: {experiments.DEFAULT_PRESET}, "
+                              "for a CPU; see the presets below); explicit options override it")
+        sub.add_argument("--model", help=f"one of {', '.join(models.names())}, or a keras.applications name "
+                         "(default: the preset's)")
         sub.add_argument("--dataset", choices=tuple(experiments.DATASETS))
         sub.add_argument("--epochs", type=_positive)
-        sub.add_argument("--train-size", type=_positive, help="stratified training subset")
-        sub.add_argument("--test-size", type=_positive, help="stratified test subset")
+        sub.add_argument("--train-size", type=_size, help="stratified training subset, or 'all'")
+        sub.add_argument("--test-size", type=_size, help="stratified test subset, or 'all'")
         sub.add_argument("--batch-size", type=_positive)
         sub.add_argument("--data-dir", help="a .npz or a folder with cifar10.npz / cifar100.npz "
                          "(default: $KERAS_WE_DATA_DIR, else keras.datasets)")
         sub.add_argument("--out", required=True, help="output folder")
         sub.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    train = commands.add_parser("train", help="train one run")
+    def described(text):
+        # The epilog's list of presets keeps its lines; so the description is wrapped here.
+        return dict(description=textwrap.fill(text, width=79), epilog=_presets_epilog(),
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    train = commands.add_parser(
+        "train", help=f"train one run (default preset: {experiments.DEFAULT_PRESET})",
+        **described("Train one model with one method and one seed: the preset's first model, "
+                    "dataset, subset sizes, epochs and batch size unless given."))
     common(train)
     train.add_argument("--method", choices=tuple(experiments.METHODS), default="we-paper")
     train.add_argument("--seed", type=int, default=0)
 
-    compare = commands.add_parser("compare", help="paired runs of several methods and seeds")
+    compare = commands.add_parser(
+        "compare", help=f"paired runs of several methods and seeds (default preset: {experiments.DEFAULT_PRESET})",
+        **described("Train every method for every seed (paired: one seed, one initialization and "
+                    "data order), then write summary.json, table.md, table.csv and plots."))
     common(compare)
-    compare.add_argument("--preset", choices=tuple(experiments.PRESETS),
-                         help="a named setting; explicit options override it")
-    compare.add_argument("--methods", type=_choices_list(tuple(experiments.METHODS)))
-    compare.add_argument("--seeds", type=_int_list)
+    compare.add_argument("--methods", type=_choices_list(tuple(experiments.METHODS)),
+                         help="comma-separated (default: the preset's)")
+    compare.add_argument("--seeds", type=_int_list, help="comma-separated (default: the preset's)")
 
     export = commands.add_parser("export", help="export a run's model.keras for TF-Serving")
     export.add_argument("run_dir", help="a finished run folder (holds model.keras)")
@@ -84,20 +120,25 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.command == "export":
         return _export(args)
-    preset = dict(experiments.PRESETS[getattr(args, "preset", None) or "paper"])
-    models = (args.model,) if args.model else preset.pop("models")
-    preset.pop("models", None)
+    settings = dict(experiments.PRESETS[args.preset])
+    models = settings.pop("models")
+    if args.model:
+        models = (args.model,)
     for key in ("dataset", "methods", "seeds", "epochs", "train_size", "test_size", "batch_size"):
         value = getattr(args, key, None)
         if value is not None:
-            preset[key] = value
+            settings[key] = None if value == ALL else value
     if args.command == "train":
-        preset.update(methods=(args.method,), seeds=(args.seed,))
+        models = models[:1]
+        settings.update(methods=(args.method,), seeds=(args.seed,))
     verbose = 0 if args.quiet else 1
     try:
-        plans = {model: experiments.plan(model=model, data_dir=args.data_dir, **preset) for model in models}
+        plans = {model: experiments.plan(model=model, data_dir=args.data_dir, **settings) for model in models}
+        print(describe(args.command, args.preset, models, settings, args.out), flush=True)
+        # Everything that could fail later fails now, before any training.
+        experiments.check_requirements(plots=args.command == "compare")
         experiments.check_data(next(iter(plans.values()))[0])
-    except (ValueError, TypeError, OSError) as error:
+    except (ImportError, ValueError, TypeError, OSError) as error:
         print(f"keras-we: error: {error}", file=sys.stderr)
         return 2
     if args.command == "train":
@@ -105,12 +146,47 @@ def main(argv=None):
         print(f"final test top-1 {100 * record['final_test_accuracy']:.2f}%, "
               f"best {100 * record['best_test_accuracy']:.2f}% -> {args.out}")
         return 0
+    status, failed = 0, []
     for model, configs in plans.items():
         out = args.out if len(plans) == 1 else os.path.join(args.out, model)
-        summary = experiments.compare(configs, out, verbose=verbose)
-        print(f"\n{model} on {preset['dataset']}, {preset['epochs']} epochs:")
-        print(experiments.format_table(summary["table"]))
-    return 0
+        # The table is printed before plotting, so a failing plot loses nothing.
+        summary = experiments.compare(configs, out, verbose=verbose, plots=False)
+        failed += summary["failed"]
+        print(f"\n{model} on {settings['dataset']}, {settings['epochs']} epochs "
+              f"({len(summary['runs'])} of {len(configs)} runs finished; tables in {out}):")
+        if not summary["runs"]:
+            continue
+        print(experiments.format_table(summary["table"]), flush=True)
+        try:
+            experiments.plot_runs(summary["runs"], out)
+        except Exception as error:
+            print(f"keras-we: error: plotting into {out} failed: {type(error).__name__}: {error}",
+                  file=sys.stderr)
+            status = 1
+    if failed:
+        print(f"keras-we: error: {len(failed)} run(s) failed (see 'failed' in summary.json):",
+              file=sys.stderr)
+        for failure in failed:
+            print(f"  {failure['run']}: {failure['error']}", file=sys.stderr)
+        status = 1
+    return status
+
+
+def describe(command, preset, models, settings, out):
+    """The effective setting of a `train` or `compare` call, in one line."""
+
+    def size(value):
+        return ALL if value is None else str(value)
+
+    methods = "method" if command == "train" else "methods"
+    seeds = "seed" if command == "train" else "seeds"
+    return (
+        f"keras-we {command}: preset {preset}; model{'s' if len(models) > 1 else ''} {', '.join(models)}; "
+        f"{settings['dataset']}, train {size(settings['train_size'])} / test {size(settings['test_size'])} "
+        f"images; {settings['epochs']} epochs, batch {settings['batch_size']}; "
+        f"{methods} {','.join(settings['methods'])}; {seeds} {','.join(map(str, settings['seeds']))}; "
+        f"backend {keras.backend.backend()}; out {out}"
+    )
 
 
 def _export(args):

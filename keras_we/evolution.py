@@ -60,11 +60,24 @@ class EvolutionOptions:
         check_choice("crossover", self.crossover, strategies.CROSSOVER_MODES)
 
     def ratios(self, epoch):
-        """The selection ratios `r(e)` of conv, gamma and beta at `epoch`."""
-        return {
-            group: selection_ratio(self.schedule, getattr(self, f"{group}_ratio"), epoch)
-            for group in GROUPS
-        }
+        """The selection ratios `r(e)` of conv, gamma and beta at `epoch`.
+
+        Raises `ValueError` when the schedule takes a ratio outside [0, 1]:
+        a fraction of the filters cannot exceed all of them, and clipping
+        would hide a schedule that does not do what its author meant.
+        """
+        ratios = {}
+        for group in GROUPS:
+            base = getattr(self, f"{group}_ratio")
+            ratio = selection_ratio(self.schedule, base, epoch)
+            if not 0 <= ratio <= 1:
+                raise ValueError(
+                    f"`schedule` gives {group}_ratio * schedule({epoch}) = {base!r} * "
+                    f"{self.schedule(epoch)!r} = {ratio!r} at epoch {epoch}; the "
+                    "selection ratios must lie in [0, 1] at every epoch."
+                )
+            ratios[group] = ratio
+        return ratios
 
 
 def initial_state():
@@ -154,10 +167,14 @@ class Target:
 
 
 def find_targets(model):
-    """Conv kernels and BatchNorm vectors of `model`, in traversal order.
+    """The trainable conv kernels and BatchNorm vectors of `model`, in
+    traversal order.
 
     Layers are visited depth-first in the order they were tracked, nested
-    models and layers included. Raises `ValueError` for an unbuilt layer.
+    models and layers included. Variables that do not train (a layer or
+    model set `trainable = False`, a LoRA layer's frozen base kernel, a
+    variable made with `trainable=False`) are left out: they are neither
+    ranked nor rewritten. Raises `ValueError` for an unbuilt layer.
     """
     targets = []
     for layer in [model, *_walk(model)]:
@@ -178,7 +195,8 @@ def find_targets(model):
                 targets.append(Target(layer.gamma, "gamma"))
             if layer.center:
                 targets.append(Target(layer.beta, "beta"))
-    return targets
+    trainable = {id(variable) for variable in model.trainable_variables}
+    return [target for target in targets if id(target.variable) in trainable]
 
 
 def _walk(layer, seen=None):
@@ -549,30 +567,36 @@ class Evolver:
     A step is two compiled calls over the model's `Plan`: `measure` (norms
     and the selection counts), then, after the starvation counters run on
     the host, `crossover`, which also writes the evolved variables.
+
+    The evolver is made for the model's trainable variables at the time;
+    `fits(model, options)` tells whether it still applies (see
+    `evolver_for`).
     """
 
-    def __init__(self, model, options):
+    def __init__(self, model, options, targets=None):
         if not model.built:
             raise ValueError(
                 f"Model {model.name!r} is not built, so Weight Evolution cannot "
                 "find its weights. Build it before training (call it on a "
                 "batch, `model.build(input_shape)`, or start it with an `Input`)."
             )
-        self.model = model
+        # Weakly: the evolvers cache is keyed by the model (see `evolver_for`).
+        self._model = weakref.ref(model)
         self.options = options
-        self.targets = find_targets(model)
+        self.targets = find_targets(model) if targets is None else targets
         self.kernel_count = sum(t.group == "conv" for t in self.targets)
         # The counter limit `K / force_divisor` is compared with an integer
         # counter, so its ceiling is the same test without float rounding.
         self.starvation_limit = math.ceil(self.kernel_count / options.force_divisor)
         if not self.kernel_count:
             warnings.warn(
-                f"Model {model.name!r} has no conv kernels (Conv1D/2D/3D, "
+                f"Model {model.name!r} has no trainable conv kernels (Conv1D/2D/3D, "
                 "DepthwiseConv, SeparableConv), so Weight Evolution changes "
                 "nothing. Training goes on unchanged.",
                 UserWarning,
                 stacklevel=3,
             )
+            return
         # The plan holds the targets group by group: conv, gamma, beta.
         self.groups = [g for g in GROUPS if any(t.group == g for t in self.targets)]
         self.order = sorted(range(len(self.targets)),
@@ -590,6 +614,19 @@ class Evolver:
         self._measure = variable_function(
             lambda values, positions: self.plan.measure(values, positions, local_ratio), variables)
         self._crossover = variable_function(self._crossover_values, variables, writes=True)
+
+    @property
+    def model(self):
+        return self._model()
+
+    def fits(self, model, options, targets):
+        """Whether this evolver is the one for `model`, `options` and
+        `targets` (as `find_targets(model)` returns them now)."""
+        return (
+            model is self.model
+            and options == self.options
+            and [id(t.variable) for t in targets] == [id(t.variable) for t in self.targets]
+        )
 
     def _crossover_values(self, values, columns, norms, facts, counts):
         return self.plan.crossover(columns, norms, facts, counts)
@@ -634,25 +671,47 @@ class Evolver:
 _EVOLVERS = weakref.WeakKeyDictionary()
 
 
+def evolver_for(model, options):
+    """The `Evolver` of `model` and `options`, made once and kept while
+    the model lives.
+
+    The variables that train can change between epochs (a backbone
+    unfrozen for fine-tuning), so the trainable targets are looked up at
+    every step; a change (or other options) builds a new evolver, which
+    compiles again. `evolve()` and every `WeightEvolution` callback share
+    it, so a second `fit` of the same model does not compile again.
+    """
+    _check_model(model)
+    current = _EVOLVERS.get(model)
+    targets = find_targets(model) if model.built else None
+    if current is None or targets is None or not current.fits(model, options, targets):
+        current = Evolver(model, options, targets)
+        _EVOLVERS[model] = current
+    return current
+
+
 def evolve(model, epoch, state=None, **options):
     """Applies one Weight Evolution step to `model`, for custom training loops.
 
-    Call it after each epoch of training (and validation). The step is
-    compiled on the first call and reused while the model and the options
-    stay the same.
+    Call it after each epoch of training (and validation), before the next
+    epoch trains; not after the last one. The step is compiled on the first
+    call and reused while the model, its trainable variables and the
+    options stay the same.
 
     Example:
 
     ```python
     state = None
     for epoch in range(epochs):
+        if epoch > 0:  # evolve after an epoch, only if another one follows
+            report, state = keras_we.evolve(model, epoch - 1, state)
+            print(report.summary())
         train_one_epoch(model)
-        report, state = keras_we.evolve(model, epoch, state)
-        print(report.summary())
     ```
 
     Args:
-        model: a built `keras.Model` (or layer) holding conv kernels.
+        model: a built `keras.Model` (or layer) holding conv kernels. Only
+            its trainable variables are ranked and rewritten.
         epoch: the 0-based epoch just finished; it sets the ratios through
             the schedule.
         state: the dict returned by the previous call (the starvation
@@ -662,7 +721,9 @@ def evolve(model, epoch, state=None, **options):
             `WeightEvolution`.
 
     Returns:
-        `(report, state)`: an `EvolutionReport` and the new state dict.
+        `(report, state)`: an `EvolutionReport` and the new state dict. A
+        model without trainable conv kernels gets an empty report (and a
+        warning once).
     """
     known = {f.name for f in dataclasses.fields(EvolutionOptions)}
     unknown = sorted(set(options) - known)
@@ -670,10 +731,14 @@ def evolve(model, epoch, state=None, **options):
         raise TypeError(
             f"evolve() got unknown options {unknown}; allowed: {sorted(known)}."
         )
+    _check_model(model)
     epoch = check_int("epoch", epoch, minimum=0)
     options = EvolutionOptions(**options)
-    evolver = _EVOLVERS.get(model)
-    if evolver is None or evolver.options != options:
-        evolver = Evolver(model, options)
-        _EVOLVERS[model] = evolver
-    return evolver(epoch, state)
+    return evolver_for(model, options)(epoch, state)
+
+
+def _check_model(model):
+    if not isinstance(model, keras.layers.Layer):
+        raise TypeError(
+            f"`model` must be a built keras.Model or keras.layers.Layer; got {model!r}."
+        )

@@ -13,12 +13,15 @@ one seed is a paired difference, free of most seed-to-seed noise.
 
 import csv
 import dataclasses
+import importlib
 import json
 import math
 import os
 import shutil
 import statistics
+import sys
 import time
+import traceback
 
 import keras
 
@@ -34,8 +37,8 @@ RUN_FILE = "run.json"
 EVOLVED_KEYS = ("we_conv_evolved", "we_gamma_evolved", "we_beta_evolved")
 
 PRESETS = {
-    # 3 methods x 3 seeds within an hour on 2 CPU cores; README gives the
-    # measurements behind the choice.
+    # 3 methods x 3 seeds in about 20 minutes on 2 CPU cores (TensorFlow);
+    # README gives the measurements behind the choice. The CLI's default.
     "cpu": dict(
         models=("resnet20",),
         dataset="cifar10",
@@ -57,7 +60,64 @@ PRESETS = {
         test_size=None,
         batch_size=128,
     ),
+    # A check that the whole job runs (CI): under 3 minutes of CPU time in
+    # all, much of it tracing each run's model; a few minutes on 2 busy CPU cores.
+    # Three epochs, so WE evolves after the first two (never after the last).
+    "smoke": dict(
+        models=("resnet20",),
+        dataset="cifar10",
+        methods=("baseline", "we-paper", "we-reference"),
+        seeds=(0,),
+        epochs=3,
+        train_size=512,
+        test_size=500,
+        batch_size=128,
+    ),
 }
+DEFAULT_PRESET = "cpu"
+PRESET_HELP = {
+    "cpu": "ResNet-20 on CIFAR-10, 10k training / 5k test images, 8 epochs, "
+           "3 methods x 3 seeds; about 20 min on 2 CPU cores with TensorFlow",
+    "paper": "the paper's 200-epoch protocol, for a GPU: ResNet-56 and MobileNetV2 "
+             "on all of CIFAR-10, 3 methods x 3 seeds",
+    "smoke": "a check that everything runs (CI): ResNet-20, 512 training / 500 test "
+             "images, 3 epochs, 3 methods x 1 seed; a few minutes on 2 CPU cores",
+}
+TABLE_FIELDS = (
+    "method", "seeds",
+    "final_test_accuracy_mean", "final_test_accuracy_std",
+    "final_test_accuracy_diff_mean", "final_test_accuracy_diff_std",
+    "best_test_accuracy_mean", "best_test_accuracy_std",
+    "best_test_accuracy_diff_mean", "best_test_accuracy_diff_std",
+)
+# What `compare` needs beyond the core: (module, what to pip install, for what).
+PLOT_REQUIREMENTS = (("matplotlib", "matplotlib>=3.7", "the plots of `keras-we compare`"),)
+
+
+class MissingDependencyError(ImportError):
+    """A package the runner needs is not installed; the message says what
+    to `pip install`."""
+
+
+def check_requirements(plots=True):
+    """Fails at once, before any training, if a package the runner needs
+    later is missing (matplotlib for the plots, when `plots`).
+
+    Raises:
+        MissingDependencyError: naming what to `pip install`.
+    """
+    missing = []
+    for module, requirement, purpose in PLOT_REQUIREMENTS if plots else ():
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            missing.append(f"{purpose} need {module}, which cannot be imported ({error}); "
+                           f'install it with: pip install "{requirement}"')
+    if missing:
+        raise MissingDependencyError(
+            "; ".join(missing) + " (it is a dependency of keras_we: reinstalling "
+            "keras_we, e.g. pip install -e ., installs it too)"
+        )
 
 
 @dataclasses.dataclass
@@ -232,37 +292,62 @@ def plan(model, dataset, methods, seeds, epochs, train_size=None, test_size=None
     ]
 
 
-def compare(configs, out_dir, verbose=1):
+def compare(configs, out_dir, verbose=1, plots=True):
     """Runs `configs` (see `plan`) and summarizes them in `out_dir`.
 
     Finished runs (their `run.json` exists) are kept as they are; an
-    interrupted run resumes from its last finished epoch.
+    interrupted run resumes from its last finished epoch. A run that raises
+    an `Exception` does not stop the others: it is reported on stderr and
+    recorded under `"failed"` in the summary, and the finished runs are
+    summarized (`KeyboardInterrupt` still stops everything).
+
+    Args:
+        plots: also write the plots (see `summarize`). The CLI passes False
+            and plots after printing the table.
 
     Returns:
         The summary dict also written to `out_dir/summary.json`.
     """
-    runs = []
+    runs, failed = [], []
     for i, config in enumerate(configs, 1):
         if verbose:
             print(f"[{i}/{len(configs)}] {config.name}", flush=True)
-        runs.append(train_run(config, os.path.join(out_dir, "runs", config.name), verbose=verbose))
-    return summarize(runs, out_dir)
+        try:
+            runs.append(train_run(config, os.path.join(out_dir, "runs", config.name), verbose=verbose))
+        except Exception as error:
+            failed.append({
+                "run": config.name,
+                "error": f"{type(error).__name__}: {error}",
+                "traceback": traceback.format_exc(),
+            })
+            sys.stdout.flush()
+            print(f"[{i}/{len(configs)}] {config.name} failed, going on with the other runs:\n"
+                  f"{failed[-1]['traceback']}", file=sys.stderr, flush=True)
+    return summarize(runs, out_dir, failed=failed, plots=plots)
 
 
-def summarize(runs, out_dir):
-    """Writes `summary.json`, `table.md`, `table.csv` and the PNG plots."""
+def summarize(runs, out_dir, failed=(), plots=True):
+    """Writes `summary.json`, `table.md` and `table.csv`, then (if `plots`
+    and any run finished) the PNG plots, so that the tables are there even
+    if plotting fails.
+
+    Args:
+        failed: the runs that raised, as `{"run", "error", "traceback"}`
+            dicts; recorded under `"failed"` in `summary.json`.
+    """
     table = summary_table(runs)
-    summary = {"runs": runs, "table": table}
+    summary = {"runs": runs, "table": table, "failed": list(failed)}
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     with open(os.path.join(out_dir, "table.md"), "w") as f:
         f.write(format_table(table))
     with open(os.path.join(out_dir, "table.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(table[0]))
+        writer = csv.DictWriter(f, fieldnames=TABLE_FIELDS)
         writer.writeheader()
         writer.writerows(table)
-    plot_runs(runs, out_dir)
+    if plots and runs:
+        plot_runs(runs, out_dir)
     return summary
 
 

@@ -72,8 +72,9 @@ def export_for_serving(model, base_dir, version=None, sample=None):
 
     Args:
         model: a built `keras.Model`.
-        base_dir: the model's base folder for TF-Serving; created if
-            missing.
+        base_dir: the model's base folder for TF-Serving (a `str` or
+            path-like): an existing folder, or a path where one can be
+            created (it is created if missing, with its parents).
         version: a positive integer, the name of the version folder, or
             `None` for one more than the highest version already in
             `base_dir` (1 in an empty folder), so that TF-Serving, which
@@ -89,10 +90,14 @@ def export_for_serving(model, base_dir, version=None, sample=None):
         The path of the version folder, as a string.
 
     Raises:
-        TypeError: `version` is not an integer, or `model` is not a
-            `keras.Model`.
-        ValueError: `version` is below 1, the model is not built, or no
-            sample batch can be made for an input with unknown dimensions.
+        TypeError: `version` is not an integer, `model` is not a
+            `keras.Model`, or `base_dir` is not a path.
+        ValueError: `version` is below 1, the model is not built,
+            `base_dir` is empty, or no sample batch can be made for an
+            input with unknown dimensions.
+        NotADirectoryError: (an `OSError`) `base_dir`, or a folder above
+            it, exists and is not a folder (for example a file). Checked
+            before anything is exported or written.
         FileExistsError: `base_dir/<version>` already exists; it is never
             overwritten.
         NotImplementedError: the Keras backend cannot write a SavedModel
@@ -109,9 +114,9 @@ def export_for_serving(model, base_dir, version=None, sample=None):
             f"Model {model.name!r} is not built, so it cannot be exported. "
             "Call it on a batch or build it first."
         )
+    base_dir = _check_base_dir(base_dir)
     _check_backend()
 
-    base_dir = os.fspath(base_dir)
     os.makedirs(base_dir, exist_ok=True)
     if version is None:
         version = next_version(base_dir)
@@ -160,8 +165,10 @@ def export_run(run_dir, base_dir, version=None):
     ```
 
     Args:
-        run_dir: a run folder holding `model.keras`.
-        base_dir: the model's base folder for TF-Serving.
+        run_dir: a run folder holding `model.keras` (a `str` or
+            path-like).
+        base_dir: the model's base folder for TF-Serving: an existing
+            folder, or a path where one can be created.
         version: a positive integer, or `None` for the next free one.
             Defaults to `None`.
 
@@ -169,18 +176,32 @@ def export_run(run_dir, base_dir, version=None):
         The path of the version folder, as a string.
 
     Raises:
-        FileNotFoundError: `run_dir/model.keras` does not exist.
-        See `export_for_serving` for the others.
+        FileNotFoundError: `run_dir` or `run_dir/model.keras` does not
+            exist.
+        NotADirectoryError: (an `OSError`) `run_dir` is not a folder, or
+            `base_dir` (or a folder above it) exists and is not a folder.
+        TypeError: `run_dir` or `base_dir` is not a path.
+        See `export_for_serving` for the others. The arguments are checked
+        before the backend and before the model is loaded.
     """
     if version is not None:
         version = check_int("version", version, minimum=1)
-    _check_backend()
-    model_path = os.path.join(os.fspath(run_dir), "model.keras")
+    run_dir = _path_argument("run_dir", run_dir, "a finished run folder holding model.keras")
+    if not os.path.isdir(run_dir):
+        error = NotADirectoryError if os.path.lexists(run_dir) else FileNotFoundError
+        what = "is not a folder" if os.path.lexists(run_dir) else "does not exist"
+        raise error(
+            f"`run_dir` must be a finished run folder holding model.keras "
+            f"(keras-we train / compare write it at the end); run_dir={run_dir!r} {what}."
+        )
+    model_path = os.path.join(run_dir, "model.keras")
     if not os.path.isfile(model_path):
         raise FileNotFoundError(
             f"No model at {model_path!r}: `run_dir` must be a finished run "
             "folder (keras-we train / compare write model.keras at the end)."
         )
+    _check_base_dir(base_dir)
+    _check_backend()
     # Registers the custom layers and optimizer of the bundled models.
     from keras_we import models, recipe  # noqa: F401
 
@@ -278,6 +299,41 @@ def _quiet_tensorflow():
         yield
     finally:
         logger.setLevel(level)
+
+
+def _path_argument(name, value, expected):
+    """`value` as a `str` path, or a `TypeError`/`ValueError` naming `name`."""
+    try:
+        path = os.fspath(value)
+    except TypeError:
+        raise TypeError(
+            f"`{name}` must be a path (a str or os.PathLike) of {expected}; "
+            f"got {value!r} of type {type(value).__name__}."
+        ) from None
+    path = os.fsdecode(path)
+    if not path:
+        raise ValueError(f"`{name}` must be the path of {expected}; got an empty path.")
+    return path
+
+
+def _check_base_dir(base_dir):
+    """`base_dir` as a `str`, once it is known to be, or to be creatable as,
+    a folder: the path and its nearest existing ancestor must be folders."""
+    expected = "a folder (created if missing)"
+    path = _path_argument("base_dir", base_dir, expected)
+    probe = os.path.abspath(path)
+    while not os.path.lexists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        if probe == os.path.abspath(path):
+            reason = f"base_dir={path!r} exists and is not a folder"
+        else:
+            reason = f"base_dir={path!r} cannot be created: {probe!r} is not a folder"
+        raise NotADirectoryError(
+            f"`base_dir` must be {expected}, the TF-Serving base folder that "
+            f"receives base_dir/<version>/; {reason}. Pass a folder path."
+        )
+    return path
 
 
 def _check_backend():

@@ -1,17 +1,15 @@
 """The `WeightEvolution` Keras callback."""
 
-import inspect
 import json
 import os
-import warnings
 
 import keras
 
 from keras_we.evolution import (
     EvolutionOptions,
     EvolutionReport,
-    Evolver,
     check_state,
+    evolver_for,
     initial_state,
 )
 from keras_we.validation import check_int
@@ -36,15 +34,35 @@ class WeightEvolution(keras.callbacks.Callback):
     The number of items considered grows within each learning-rate segment
     through `schedule`; starved layers (nothing weak in them) are forced to
     evolve one filter every `K / force_divisor` layers, `K` being the
-    number of conv kernels.
+    number of trainable conv kernels.
 
-    Each epoch adds to `logs` the items evolved (`we_conv_evolved`,
+    **When.** The evolution after epoch `e` runs as epoch `e + 1` begins,
+    so only when another epoch follows: never after the last epoch that
+    ran, whether `fit` reached `epochs`, `EarlyStopping` or `TerminateOnNaN`
+    stopped it, or an exception ended it, and whatever the order of the
+    callbacks list. Callbacks that save weights at the end of an epoch
+    (`BackupAndRestore`, `ModelCheckpoint`, `EarlyStopping` with
+    `restore_best_weights`) save the weights that were trained and
+    validated; a run resumed from them (or continued with `initial_epoch`)
+    applies the same evolution before it trains, so it stays exact.
+
+    **Frozen weights.** Only trainable variables take part. A layer or
+    model set `trainable = False` (a fine-tuning backbone), the base kernel
+    of a LoRA layer and any variable created with `trainable=False` are
+    neither ranked nor rewritten: in the SPEC's terms they are not in the
+    network at all, so the global threshold `T_g` is the `r(e)`-quantile of
+    the trainable filters' scores, `K` counts trainable conv kernels, and
+    the starvation counter does not pass through frozen layers. Unfreezing
+    them later (and calling `fit` again) adds them from the next evolution
+    on.
+
+    **Logs.** Each epoch adds to `logs` what the evolution that preceded
+    the epoch did (so epoch 0 shows zeros, and epoch `e` the evolution
+    after epoch `e - 1`): the items evolved (`we_conv_evolved`,
     `we_gamma_evolved`, `we_beta_evolved`), the ratios used
     (`we_conv_ratio`, ...), `we_changed_elements` and
     `we_skipped_nonfinite`, so `History`, `CSVLogger` and `TensorBoard`
-    record them; place `WeightEvolution` before those callbacks, and before
-    `BackupAndRestore` and `ModelCheckpoint` so that they save the evolved
-    weights.
+    record them in any order of the callbacks list.
 
     Example:
 
@@ -66,7 +84,10 @@ class WeightEvolution(keras.callbacks.Callback):
             `K / force_divisor` consecutive starved layers; > 0. Defaults to 2.
         schedule: callable `epoch -> multiplier` of the three ratios. Defaults
             to `None`, the paper's CIFAR `PaperSchedule()`; for short runs use
-            `PaperSchedule().scaled(epochs)`.
+            `PaperSchedule().scaled(epochs)`. Each ratio times the multiplier
+            must lie in [0, 1] at every epoch: `fit` checks all its epochs
+            when training begins and raises `ValueError` otherwise (no
+            clipping).
         crossover: `"paper"` (the paper's Fig. 1: the weakest element moves
             towards the dominant filter's strongest) or `"reference"` (what
             the public code computes, with which the paper's results were
@@ -75,13 +96,18 @@ class WeightEvolution(keras.callbacks.Callback):
         frequency: evolve every `frequency` epochs, counted from
             `start_epoch`. Defaults to 1.
         start_epoch: first 0-based epoch after which to evolve. Defaults to 0.
-        evolve_last_epoch: also evolve after the final epoch of `fit`, as
-            the public code does; the returned model then holds rewritten
-            filters that never trained. Defaults to False.
+        evolve_last_epoch: also evolve after the last epoch that ran (in
+            `on_train_end`), as the public code does; the returned model
+            then holds rewritten filters that never trained, and that last
+            evolution is in no epoch's logs. Defaults to False.
         backup_dir: a folder where the callback keeps its state after each
             epoch, so that a run resumed with
             `keras.callbacks.BackupAndRestore` continues with the same
-            starvation counters. Defaults to None (no file).
+            starvation counters. Defaults to None (no file). (With
+            `BackupAndRestore(save_freq=<batches>)`, a run resumed in the
+            middle of an epoch restarts that epoch from weights that were
+            already evolved, and evolves them again; Keras does not resume
+            such runs exactly either.)
         verbose: 1 prints one line per evolution. Defaults to 0.
     """
 
@@ -126,7 +152,8 @@ class WeightEvolution(keras.callbacks.Callback):
         self._state = initial_state()
         self._saved_states = {}
         self._first_epoch = True
-        self._evolver = None
+        self._pending = None  # the epoch whose evolution is due when the next one begins
+        self._report = None  # what the evolution before the current epoch did
 
     # ------------------------------------------------------------ state
 
@@ -139,57 +166,60 @@ class WeightEvolution(keras.callbacks.Callback):
         self._state = check_state(state)
 
     # ------------------------------------------------------------ protocol
+    #
+    # The evolution after epoch `e` runs when epoch `e + 1` begins, so it
+    # runs only if another epoch follows: not after the last epoch, nor
+    # after one that `EarlyStopping`, `TerminateOnNaN` or an exception
+    # ended, whatever the order of the callbacks. Every callback that saves
+    # or restores weights at the end of epoch `e` (`BackupAndRestore`,
+    # `ModelCheckpoint`, `EarlyStopping(restore_best_weights=True)`) sees the
+    # weights that were trained and validated, and a run resumed at epoch
+    # `e + 1` applies the same evolution again before training.
 
     def on_train_begin(self, logs=None):
-        self._check_order()
-        if self._evolver is None or self._evolver.model is not self.model:
-            self._evolver = Evolver(self.model, self.options)
+        epochs = (self.params or {}).get("epochs")
+        if epochs:
+            for epoch in range(epochs):  # a schedule out of [0, 1] fails now, not later
+                self.options.ratios(epoch)
         self._first_epoch = True
+        self._pending = None
         if self.backup_dir is not None:
             self._saved_states = self._read_backup()
 
     def on_epoch_begin(self, epoch, logs=None):
-        # A run resumed by BackupAndRestore starts past epoch 0: take the
-        # counters saved after the epoch its weights come from.
-        if self._first_epoch and epoch > 0 and (epoch - 1) in self._saved_states:
-            self.set_state(self._saved_states[epoch - 1])
-        self._first_epoch = False
+        if self._first_epoch:
+            self._first_epoch = False
+            # A run that starts past epoch 0 (resumed by BackupAndRestore,
+            # or continued with `initial_epoch`) holds the weights trained
+            # up to `epoch - 1`, not yet evolved: take the counters saved
+            # then, and evolve.
+            if epoch > 0 and (epoch - 1) in self._saved_states:
+                self.set_state(self._saved_states[epoch - 1])
+            self._pending = epoch - 1 if epoch > 0 and self._scheduled(epoch - 1) else None
+        due, self._pending = self._pending, None
+        self._report = self._evolve(due) if due is not None and due == epoch - 1 else None
 
     def on_epoch_end(self, epoch, logs=None):
-        if self._evolver is None:
-            self.on_train_begin()
-        self._first_epoch = False
-        if self._should_evolve(epoch):
-            report, self._state = self._evolver(epoch, self._state)
-            if self.verbose:
-                print(report.summary())
-        else:
-            report = EvolutionReport(epoch, evolved=False)
         if logs is not None:
-            logs.update(report.to_logs())
+            logs.update((self._report or EvolutionReport(epoch, evolved=False)).to_logs())
+        self._report = None
+        self._pending = epoch if self._scheduled(epoch) else None
         if self.backup_dir is not None:
             self._write_backup(epoch)
 
-    def _check_order(self):
-        # Callbacks run in list order: a backup taken before this callback
-        # runs holds the weights from before the evolution.
-        savers = (keras.callbacks.BackupAndRestore, keras.callbacks.ModelCheckpoint)
-        early = [type(c).__name__ for c in _callbacks_before(self) if isinstance(c, savers)]
-        if early:
-            warnings.warn(
-                f"{', '.join(early)} come(s) before WeightEvolution in the callbacks "
-                "list, so it saves the weights from before each evolution and a "
-                "resumed run will differ. Put WeightEvolution before them.",
-                UserWarning,
-                stacklevel=3,
-            )
+    def on_train_end(self, logs=None):
+        if self.evolve_last_epoch and self._pending is not None:
+            self._evolve(self._pending)
+        self._pending = None
 
-    def _should_evolve(self, epoch):
-        if epoch < self.start_epoch or (epoch - self.start_epoch) % self.frequency:
-            return False
-        epochs = (self.params or {}).get("epochs")
-        is_last = epochs is not None and epoch >= epochs - 1
-        return self.evolve_last_epoch or not is_last
+    def _evolve(self, epoch):
+        report, self._state = evolver_for(self.model, self.options)(epoch, self._state)
+        if self.verbose:
+            print(report.summary())
+        return report
+
+    def _scheduled(self, epoch):
+        return epoch >= self.start_epoch and (epoch - self.start_epoch) % self.frequency == 0
 
     # ------------------------------------------------------------ backup
 
@@ -212,18 +242,3 @@ class WeightEvolution(keras.callbacks.Callback):
             json.dump({"states": {str(e): s for e, s in self._saved_states.items()}}, f)
         os.replace(path + ".tmp", path)
 
-
-def _callbacks_before(callback):
-    """The callbacks that Keras runs before `callback` in the current `fit`.
-
-    A callback is not told its place in the list, so this looks up the
-    `CallbackList` that is calling it; outside `fit` there is none.
-    """
-    frame = inspect.currentframe()
-    while frame is not None:
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, keras.callbacks.CallbackList):
-            callbacks = owner.callbacks
-            return callbacks[: callbacks.index(callback)] if callback in callbacks else []
-        frame = frame.f_back
-    return []

@@ -2,40 +2,26 @@
 the seeded `CifarSequence`."""
 
 import os
+import socket
+import time
+import urllib.request
 
 import keras
 import numpy as np
 import pytest
 
 from keras_we import data
+from tests.conftest import HOW_TO_PROVIDE, find_real_cifar10
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The canonical first labels of CIFAR-10.
 FIRST_TRAIN_LABELS = [6, 9, 9, 4, 1, 1, 2, 7, 8, 3]
 FIRST_TEST_LABELS = [3, 8, 8, 0, 6, 6, 1, 6, 3, 1]
 
 
 @pytest.fixture(scope="module")
-def real_data_dir():
-    """`KERAS_WE_DATA_DIR`, or `../shared/data` next to the repository."""
-    path = os.environ.get(data.DATA_DIR_ENV) or os.path.join(
-        REPO, os.pardir, "shared", "data"
-    )
-    path = os.path.abspath(path)
-    assert os.path.exists(os.path.join(path, "cifar10.npz")), (
-        f"The tests need the real CIFAR-10 as {path}/cifar10.npz; set "
-        f"{data.DATA_DIR_ENV}."
-    )
-    return path
-
-
-@pytest.fixture(scope="module")
-def real(real_data_dir):
-    """The real CIFAR-10, loaded through `KERAS_WE_DATA_DIR`."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(data.DATA_DIR_ENV, real_data_dir)
-        patch.setattr(keras.datasets.cifar10, "load_data", fail_download)
-        return data.load_cifar()
+def real(real_cifar10):
+    """The real CIFAR-10 (`KERAS_WE_DATA_DIR`, else keras.datasets), or a skip."""
+    return data.load_cifar()
 
 
 @pytest.fixture
@@ -73,7 +59,7 @@ def write_npz(path, arrays):
 # Loading.
 
 
-def test_load_real_data_from_env_var(real):
+def test_load_real_data(real):
     (x_train, y_train), (x_test, y_test) = real
     assert x_train.shape == (50000, 32, 32, 3) and x_train.dtype == np.uint8
     assert x_test.shape == (10000, 32, 32, 3) and x_test.dtype == np.uint8
@@ -83,12 +69,11 @@ def test_load_real_data_from_env_var(real):
     assert np.bincount(y_train).tolist() == [5000] * 10
 
 
-def test_load_explicit_npz_file(real, real_data_dir, monkeypatch):
+def test_load_explicit_npz_file(real, real_cifar10, tmp_path, monkeypatch):
+    path = real_cifar10.path or write_npz(tmp_path / "cifar10.npz", real)
     monkeypatch.setenv(data.DATA_DIR_ENV, "/nonexistent")  # not consulted
     monkeypatch.setattr(keras.datasets.cifar10, "load_data", fail_download)
-    (_, y_train), (x_test, _) = data.load_cifar(
-        data_dir=os.path.join(real_data_dir, "cifar10.npz")
-    )
+    (_, y_train), (x_test, _) = data.load_cifar(data_dir=path)
     np.testing.assert_array_equal(y_train, real[0][1])
     np.testing.assert_array_equal(x_test, real[1][0])
 
@@ -180,11 +165,66 @@ def test_unknown_dataset():
         data.load_cifar("mnist")
 
 
+# Finding the real data for the tests (tests/conftest.py).
+
+
+def test_real_cifar10_skips_with_a_reason_when_nothing_works(tmp_path, monkeypatch):
+    # No KERAS_WE_DATA_DIR and no download: a skip saying how to provide
+    # the data; no other folder (such as ../shared/data) is consulted.
+    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+    monkeypatch.setattr(keras.datasets.cifar10, "load_data", fail_download)
+    source = find_real_cifar10()
+    assert source.path is None
+    assert HOW_TO_PROVIDE in source.skip_reason
+    assert "set KERAS_WE_DATA_DIR to a folder holding cifar10.npz, or allow " \
+        "keras.datasets to download it" in source.skip_reason
+    assert "URL fetch failure" in source.skip_reason
+    # A KERAS_WE_DATA_DIR that does not exist is a skip too, naming it.
+    missing = str(tmp_path / "missing")
+    monkeypatch.setenv(data.DATA_DIR_ENV, missing)
+    source = find_real_cifar10()
+    assert HOW_TO_PROVIDE in source.skip_reason and missing in source.skip_reason
+
+
+def test_real_cifar10_found_through_the_env_var(tmp_path, monkeypatch):
+    path = write_npz(tmp_path / "cifar10.npz", fake_cifar())
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path))
+    monkeypatch.setattr(keras.datasets.cifar10, "load_data", fail_download)
+    assert find_real_cifar10() == (str(path), None)
+    monkeypatch.delenv(data.DATA_DIR_ENV)
+    monkeypatch.setattr(keras.datasets.cifar10, "load_data", fake_cifar)
+    assert find_real_cifar10() == (None, None)  # from keras.datasets
+
+
+def test_real_cifar10_download_cannot_hang(tmp_path, monkeypatch):
+    # A server that accepts the connection and never answers: keras's
+    # download (`urllib.request.urlretrieve`, no timeout of its own) would
+    # wait forever; the fixture's socket timeout turns it into a skip.
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    url = f"http://127.0.0.1:{server.getsockname()[1]}/cifar-10-python.tar.gz"
+
+    def stalled_download():
+        urllib.request.urlretrieve(url, tmp_path / "cifar.tar.gz")
+
+    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+    monkeypatch.setattr(keras.datasets.cifar10, "load_data", stalled_download)
+    default = socket.getdefaulttimeout()
+    start = time.monotonic()
+    try:
+        source = find_real_cifar10(timeout=0.5)
+    finally:
+        server.close()
+    assert time.monotonic() - start < 10
+    assert HOW_TO_PROVIDE in source.skip_reason and "timed out" in source.skip_reason
+    assert socket.getdefaulttimeout() == default
+
+
 # Subsets.
 
 
-def test_stratified_subsets(real, real_data_dir, monkeypatch):
-    monkeypatch.setenv(data.DATA_DIR_ENV, real_data_dir)
+def test_stratified_subsets(real):
     (x_train, y_train), (x_test, y_test) = data.load_cifar(
         train_size=1000, test_size=105, seed=3
     )

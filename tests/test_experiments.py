@@ -10,6 +10,9 @@ import pytest
 from keras_we import cli, experiments
 from keras_we.recipe import Recipe
 
+# The runner trains on the real CIFAR-10: skipped, saying how to provide it, without it.
+pytestmark = pytest.mark.usefixtures("real_cifar10")
+
 TINY = dict(epochs=2, train_size=200, test_size=100, batch_size=50)
 
 
@@ -40,9 +43,11 @@ def test_compare_writes_summary_table_and_plots(tmp_path):
         assert run["final_test_accuracy"] == history["test_accuracy"][-1]
         assert run["best_test_accuracy"] == max(history["test_accuracy"])
         assert 0.0 <= run["final_test_accuracy"] <= 1.0
-    # The baseline never evolves; WE evolves after epoch 0 and skips the last.
+    # The baseline never evolves; WE evolves after epoch 0, which epoch 1's
+    # logs show (epoch e logs the evolution after epoch e - 1).
     assert runs["baseline"]["history"]["items_evolved"] == [0, 0]
-    assert runs["we-paper"]["history"]["items_evolved"][1] == 0
+    assert runs["we-paper"]["history"]["items_evolved"][0] == 0
+    assert runs["we-paper"]["history"]["items_evolved"][1] > 0
     # Same seed: the first epoch (before any evolution) is identical.
     assert runs["baseline"]["history"]["train_loss"][0] == pytest.approx(
         runs["we-paper"]["history"]["train_loss"][0], rel=1e-5
@@ -53,6 +58,59 @@ def test_compare_writes_summary_table_and_plots(tmp_path):
     for name in ("table.md", "table.csv", "test_accuracy.png", "items_evolved.png"):
         assert os.path.getsize(os.path.join(out, name)) > 0
     assert "paired diff" in open(os.path.join(out, "table.md")).read()
+    assert summary["failed"] == []
+
+
+def test_a_run_that_raises_is_recorded_and_the_others_are_summarized(tmp_path, capsys, monkeypatch):
+    out = str(tmp_path / "cmp")
+    configs = tiny_plan(methods=("we-paper", "baseline"))
+    real_train_run = experiments.train_run
+
+    def train_run(config, out_dir, verbose=1):
+        if config.method == "we-paper":
+            raise FloatingPointError("loss is NaN")
+        return real_train_run(config, out_dir, verbose=verbose)
+
+    monkeypatch.setattr(experiments, "train_run", train_run)
+    summary = experiments.compare(configs, out, verbose=0)
+    # The failure came first; the baseline still trained, for real.
+    [run] = summary["runs"]
+    assert run["method"] == "baseline" and len(run["history"]["test_accuracy"]) == 2
+    assert os.path.exists(os.path.join(out, "runs", configs[1].name, "run.json"))
+    [failure] = summary["failed"]
+    assert failure["run"] == configs[0].name
+    assert failure["error"] == "FloatingPointError: loss is NaN"
+    assert f"{configs[0].name} failed" in capsys.readouterr().err
+    written = json.load(open(os.path.join(out, "summary.json")))
+    assert written["failed"] == summary["failed"]
+    assert [row["method"] for row in written["table"]] == ["baseline"]
+    for name in ("table.md", "table.csv", "test_accuracy.png", "items_evolved.png"):
+        assert os.path.getsize(os.path.join(out, name)) > 0
+
+
+def test_a_failing_plot_leaves_the_tables_written(tmp_path, monkeypatch):
+    out = str(tmp_path / "cmp")
+    history = {"epoch": [0, 1], "test_accuracy": [0.2, 0.3], "items_evolved": [0, 0]}
+    runs = [
+        {"model": "resnet20", "dataset": "cifar10", "method": "baseline", "seed": seed,
+         "final_test_accuracy": 0.3 + seed / 100, "best_test_accuracy": 0.3 + seed / 100, "history": history}
+        for seed in (0, 1)
+    ]
+
+    def broken_plot(runs, out_dir):
+        raise RuntimeError("cannot plot")
+
+    monkeypatch.setattr(experiments, "plot_runs", broken_plot)
+    with pytest.raises(RuntimeError, match="cannot plot"):
+        experiments.summarize(runs, out)
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["runs"] == runs and summary["failed"] == []
+    [row] = summary["table"]
+    assert row["final_test_accuracy_mean"] == pytest.approx(30.5)
+    assert open(os.path.join(out, "table.md")).read() == experiments.format_table(summary["table"])
+    with open(os.path.join(out, "table.csv")) as f:
+        assert f.readline().strip() == ",".join(experiments.TABLE_FIELDS)
+        assert f.readline().startswith("baseline,2,30.5")
 
 
 def test_finished_runs_are_never_overwritten(tmp_path):

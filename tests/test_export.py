@@ -150,10 +150,67 @@ def test_export_run(exported, tmp_path):
 
 
 def test_export_run_without_model(tmp_path):
-    if not CAN_EXPORT:
-        pytest.skip(f"the {BACKEND} backend refuses before looking for the file")
-    with pytest.raises(FileNotFoundError, match="model.keras"):
+    # The arguments are checked before the backend, so on every backend.
+    with pytest.raises(FileNotFoundError, match="`run_dir` must be a finished run folder"):
         export.export_run(tmp_path, tmp_path / "serving")
+    assert os.listdir(tmp_path) == []
+
+
+def test_run_dir_must_be_a_folder(tmp_path):
+    a_file = tmp_path / "model.keras"
+    a_file.write_text("not a run folder")
+    with pytest.raises(NotADirectoryError, match="`run_dir` must be a finished run folder holding model.keras") as info:
+        export.export_run(a_file, tmp_path / "serving")
+    assert "is not a folder" in str(info.value) and str(a_file) in str(info.value)
+    with pytest.raises(FileNotFoundError, match="`run_dir` must be .*does not exist"):
+        export.export_run(tmp_path / "missing", tmp_path / "serving")
+    with pytest.raises(TypeError, match="`run_dir` must be a path"):
+        export.export_run(None, tmp_path / "serving")
+    assert os.listdir(tmp_path) == ["model.keras"]
+
+
+def _base_dir_cases(tmp_path):
+    a_file = tmp_path / "a_file.txt"
+    a_file.write_text("keep me")
+    return a_file, [
+        (a_file, "exists and is not a folder"),
+        (str(a_file), "exists and is not a folder"),
+        (a_file / "serving", f"cannot be created: {str(a_file)!r} is not a folder"),
+    ]
+
+
+@pytest.mark.parametrize("call", ["export_for_serving", "export_run"])
+def test_base_dir_must_be_a_folder(tmp_path, call):
+    # Refused before any work, with the same error on every backend (the
+    # backend check comes after): nothing is written or overwritten.
+    if call == "export_for_serving":
+        model = small_cnn()
+        run = lambda base_dir: export.export_for_serving(model, base_dir)  # noqa: E731
+    else:
+        run_dir = tmp_path / "run"
+        run_dir.mkdir()
+        small_cnn().save(run_dir / "model.keras")
+        run = lambda base_dir: export.export_run(run_dir, base_dir)  # noqa: E731
+    a_file, cases = _base_dir_cases(tmp_path)
+    before = sorted(os.listdir(tmp_path))
+    for base_dir, reason in cases:
+        with pytest.raises(NotADirectoryError, match=r"`base_dir` must be a folder \(created if missing\)") as info:
+            run(base_dir)
+        assert isinstance(info.value, OSError)
+        assert reason in str(info.value), str(info.value)
+    with pytest.raises(TypeError, match="`base_dir` must be a path"):
+        run(None)
+    with pytest.raises(ValueError, match="`base_dir` must be the path of a folder"):
+        run("")
+    assert a_file.read_text() == "keep me"
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+@needs_export
+def test_base_dir_is_created_with_its_parents(exported, tmp_path):
+    model, x, _, _, _ = exported
+    path = export.export_for_serving(model, tmp_path / "a" / "b", sample=x[:2])
+    assert path == os.path.join(str(tmp_path / "a" / "b"), "1")
 
 
 @pytest.mark.parametrize(
@@ -175,6 +232,9 @@ def test_unsupported_backend_says_what_to_do(tmp_path):
     with pytest.raises(NotImplementedError, match="KERAS_BACKEND=tensorflow") as info:
         export.export_for_serving(model, tmp_path)
     assert BACKEND in str(info.value).lower() or "pytorch" in str(info.value).lower()
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    model.save(run_dir / "model.keras")
     with pytest.raises(NotImplementedError, match="KERAS_BACKEND=tensorflow"):
-        export.export_run(tmp_path, tmp_path)
-    assert os.listdir(tmp_path) == []
+        export.export_run(run_dir, tmp_path / "serving")
+    assert sorted(os.listdir(tmp_path)) == ["run"]

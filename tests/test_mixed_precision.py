@@ -84,7 +84,7 @@ def test_mixed_precision_fit(dtype_policy, policy):
         callbacks=[keras_we.WeightEvolution(evolve_last_epoch=True)],
     )
     h = history.history
-    assert h["we_conv_evolved"][0] > 0
+    assert h["we_conv_evolved"][1] > 0  # the evolution after epoch 0
     assert h["we_skipped_nonfinite"] == [0, 0]
     for target in targets:
         assert keras.backend.standardize_dtype(target.variable.dtype) == "float32"

@@ -21,7 +21,7 @@ BACKEND = keras.backend.backend()
 NOTEBOOKS = {
     "01_quickstart.ipynb": ("torch",),
     "02_inside_weight_evolution.ipynb": ("torch",),
-    "03_custom_training_loop.ipynb": ("torch", "jax"),
+    "03_custom_training_loop.ipynb": ("torch", "jax", "tensorflow"),
     "04_export_for_tf_serving.ipynb": ("tensorflow",),
 }
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import keras_we
-from tests.utils import kernels, small_cnn, toy_data
+from tests.utils import LayerStack, evolve_after, kernels, small_cnn, tiny_cnn, toy_data
 
 
 def test_fit_evolves_and_logs_figures(tmp_path):
@@ -28,18 +28,19 @@ def test_fit_evolves_and_logs_figures(tmp_path):
     for group in ("conv", "gamma", "beta"):
         assert len(h[f"we_{group}_evolved"]) == 3
         assert len(h[f"we_{group}_ratio"]) == 3
-    # Epochs 0 and 1 evolve; the last epoch is skipped by default.
-    assert h["we_conv_evolved"][0] >= 1 and h["we_conv_evolved"][1] >= 1
-    assert h["we_conv_evolved"][2] == 0
-    assert h["we_changed_elements"][2] == 0
+    # Each epoch logs the evolution that preceded it: none before epoch 0,
+    # the ones after epochs 0 and 1 before epochs 1 and 2, none after the last.
+    assert h["we_conv_evolved"][0] == 0 and h["we_changed_elements"][0] == 0
+    assert h["we_conv_evolved"][1] >= 1 and h["we_conv_evolved"][2] >= 1
     # r(e) = 0.2 * 1 * sigmoid(e / 15), computed in float64.
-    assert h["we_conv_ratio"][0] == pytest.approx(0.1)
-    assert h["we_conv_ratio"][1] == pytest.approx(0.2 / (1 + math.exp(-1 / 15)))
-    assert h["we_gamma_ratio"][0] == pytest.approx(0.025)
+    assert h["we_conv_ratio"][0] == 0.0
+    assert h["we_conv_ratio"][1] == pytest.approx(0.1)
+    assert h["we_conv_ratio"][2] == pytest.approx(0.2 / (1 + math.exp(-1 / 15)))
+    assert h["we_gamma_ratio"][1] == pytest.approx(0.025)
     with open(csv_path) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 3
-    assert float(rows[0]["we_conv_evolved"]) == h["we_conv_evolved"][0]
+    assert float(rows[1]["we_conv_evolved"]) == h["we_conv_evolved"][1]
     assert all(np.isfinite(w).all() for w in kernels(model))
 
 
@@ -49,7 +50,7 @@ def test_inferior_filters_change_and_dominant_filters_do_not():
     callback.set_model(model)
     callback.on_train_begin()
     before = keras.ops.convert_to_numpy(model.layers[0].kernel).copy()
-    callback.on_epoch_end(0, {})
+    evolve_after(callback, 0)
     after = keras.ops.convert_to_numpy(model.layers[0].kernel)
     changed = np.any(before != after, axis=(0, 1, 2))
     # The three weakened filters are the inferior ones; nothing else moves.
@@ -68,24 +69,31 @@ def test_inferior_filters_change_and_dominant_filters_do_not():
         ({}, [0, 1, 2, 3]),
         ({"evolve_last_epoch": True}, [0, 1, 2, 3, 4]),
         ({"frequency": 2}, [0, 2]),
+        ({"frequency": 2, "evolve_last_epoch": True}, [0, 2, 4]),
         ({"start_epoch": 2}, [2, 3]),
         ({"start_epoch": 1, "frequency": 3}, [1]),
     ],
 )
 def test_which_epochs_evolve(kwargs, evolved_epochs):
+    """The epochs after which WE evolves, driven as `fit` drives callbacks."""
     model = small_cnn()
     callback = keras_we.WeightEvolution(**kwargs)
     callback.set_model(model)
     callback.set_params({"epochs": 5, "verbose": 0})
+    seen, evolve = [], callback._evolve
+    callback._evolve = lambda epoch: seen.append(epoch) or evolve(epoch)
     callback.on_train_begin()
-    seen = []
+    logged = []
     for epoch in range(5):
         logs = {}
         callback.on_epoch_begin(epoch)
         callback.on_epoch_end(epoch, logs)
         if logs["we_conv_ratio"] > 0:
-            seen.append(epoch)
+            logged.append(epoch - 1)
+    callback.on_train_end()
     assert seen == evolved_epochs
+    # Logged in the epoch that follows; the one after the last epoch is not.
+    assert logged == [e for e in evolved_epochs if e < 4]
 
 
 def test_verbose_prints_one_line_per_evolution(capsys):
@@ -104,7 +112,7 @@ def test_state_round_trip_and_evolve_function_agree():
     callback.on_train_begin()
     state = None
     for epoch in range(3):
-        callback.on_epoch_end(epoch, {})
+        evolve_after(callback, epoch)
         report, state = keras_we.evolve(model_b, epoch, state)
     assert callback.get_state() == state
     assert json.loads(json.dumps(state)) == state
@@ -122,7 +130,9 @@ def test_state_round_trip_and_evolve_function_agree():
 
 def test_backup_dir_restores_counters_of_the_resumed_epoch(tmp_path):
     model = small_cnn()
-    callback = keras_we.WeightEvolution(backup_dir=str(tmp_path))
+    # Evolves after epochs 0 and 4 only, so that the resumed epoch 3 begins
+    # with the restored counters and no evolution.
+    callback = keras_we.WeightEvolution(backup_dir=str(tmp_path), frequency=4)
     callback.set_model(model)
     callback.set_params({"epochs": 10})
     callback.on_train_begin()
@@ -136,7 +146,7 @@ def test_backup_dir_restores_counters_of_the_resumed_epoch(tmp_path):
         states[epoch] = callback.get_state()
     saved = json.load(open(tmp_path / "weight_evolution_state.json"))
     assert sorted(saved["states"]) == ["1", "2", "3"]
-    resumed = keras_we.WeightEvolution(backup_dir=str(tmp_path))
+    resumed = keras_we.WeightEvolution(backup_dir=str(tmp_path), frequency=4)
     resumed.set_model(model)
     resumed.on_train_begin()
     resumed.on_epoch_begin(3)  # weights restored from after epoch 2
@@ -147,23 +157,15 @@ def test_model_without_conv_kernels_warns_once_and_trains():
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.BatchNormalization()])
     model.compile("sgd", "mse")
     before = kernels(model)
-    with pytest.warns(UserWarning, match="no conv kernels") as record:
+    with pytest.warns(UserWarning, match="no trainable conv kernels") as record:
         history = model.fit(
             np.ones((8, 4)), np.ones((8, 3)), epochs=3, verbose=0,
             callbacks=[keras_we.WeightEvolution()],
         )
-    assert len([w for w in record if "no conv kernels" in str(w.message)]) == 1
+    assert len([w for w in record if "no trainable conv kernels" in str(w.message)]) == 1
     assert history.history["we_conv_evolved"] == [0, 0, 0]
     assert len(history.history["loss"]) == 3
     assert any((a != b).any() for a, b in zip(before, kernels(model)))  # SGD still trained
-
-
-def test_unbuilt_model_fails_clearly_at_train_begin():
-    model = keras.Sequential([keras.layers.Conv2D(4, 3)])
-    callback = keras_we.WeightEvolution()
-    callback.set_model(model)
-    with pytest.raises(ValueError, match="not built"):
-        callback.on_train_begin()
 
 
 def test_nonfinite_kernel_is_skipped_and_reported():
@@ -174,9 +176,8 @@ def test_nonfinite_kernel_is_skipped_and_reported():
     callback = keras_we.WeightEvolution()
     callback.set_model(model)
     callback.on_train_begin()
-    logs = {}
     with pytest.warns(RuntimeWarning, match="depthwise_conv2d"):
-        callback.on_epoch_end(0, logs)
+        logs = evolve_after(callback, 0)
     assert logs["we_skipped_nonfinite"] == 1
     # The other kernels still evolve: 8 + 16 filters left, r = 0.1, so the
     # global threshold is the third lowest score and two filters are below.
@@ -317,3 +318,25 @@ def test_evolved_weights_survive_the_training_loop():
         (keras.ops.convert_to_numpy(a) != keras.ops.convert_to_numpy(b)).any()
         for a, b in zip(small_cnn().trainable_weights, by_hand.trainable_weights)
     )
+
+
+def test_evolver_is_shared_and_lets_the_model_go():
+    """`evolve()` and callbacks share one compiled evolver per model (a
+    second `fit` does not compile again), and the cache does not keep a
+    model alive."""
+    import gc
+    import weakref
+
+    from keras_we.evolution import EvolutionOptions, evolver_for
+
+    model = small_cnn()
+    x, y = toy_data()
+    model.fit(x, y, epochs=2, verbose=0, callbacks=[keras_we.WeightEvolution()])
+    evolver = evolver_for(model, EvolutionOptions())
+    keras_we.evolve(model, 3)
+    assert evolver_for(model, EvolutionOptions()) is evolver
+    assert evolver_for(model, EvolutionOptions(crossover="paper")) is not evolver
+    alive = weakref.ref(model)
+    del model, evolver
+    gc.collect()
+    assert alive() is None
