@@ -7,25 +7,9 @@ import numpy as np
 import pytest
 
 import keras_we
-from tests.utils import kernels, small_cnn, toy_data
+from tests.utils import EndIn, Interrupt, kernels, small_cnn, toy_data
 
 EPOCHS = 4
-
-
-class Interrupt(Exception):
-    pass
-
-
-class InterruptAfter(keras.callbacks.Callback):
-    """Stops the process (as a crash would) after an epoch ends."""
-
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch == self.epoch:
-            raise Interrupt()
 
 
 def deterministic():
@@ -35,28 +19,33 @@ def deterministic():
         tf.config.experimental.enable_op_determinism()
 
 
-def train(backup_dir, interrupt_after=None):
+def train(backup_dir, interrupt=None, we_first=True):
     deterministic()
     model = small_cnn()
     model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), loss=model.loss)
-    evolution = keras_we.WeightEvolution(backup_dir=backup_dir)
-    callbacks = [evolution, keras.callbacks.BackupAndRestore(backup_dir)]
-    if interrupt_after is not None:
-        callbacks.append(InterruptAfter(interrupt_after))
+    evolution = keras_we.WeightEvolution(backup_dir=os.path.join(backup_dir, "we"))
+    backup = keras.callbacks.BackupAndRestore(os.path.join(backup_dir, "keras"))
+    callbacks = [evolution, backup] if we_first else [backup, evolution]
+    if interrupt is not None:
+        callbacks.append(interrupt)
     x, y = toy_data(64)
     model.fit(x, y, epochs=EPOCHS, batch_size=16, shuffle=False, verbose=0, callbacks=callbacks)
     return model, evolution
 
 
-@pytest.mark.parametrize("interrupt_after", [0, 2])
-def test_interrupted_run_resumes_bit_identically(tmp_path, interrupt_after):
+@pytest.mark.parametrize(
+    "epoch, mid_epoch, we_first",
+    [(0, False, True), (2, False, True), (2, False, False), (2, True, True), (1, True, False)],
+    ids=["end0", "end2", "end2-we-last", "mid2", "mid1-we-last"],
+)
+def test_interrupted_run_resumes_bit_identically(tmp_path, epoch, mid_epoch, we_first):
     straight, straight_we = train(str(tmp_path / "straight"))
 
     backup = str(tmp_path / "interrupted")
     with pytest.raises(Interrupt):
-        train(backup, interrupt_after=interrupt_after)
-    assert os.path.exists(os.path.join(backup, "weight_evolution_state.json"))
-    resumed, resumed_we = train(backup)
+        train(backup, EndIn(epoch, mid_epoch, batch=1), we_first)
+    assert os.path.exists(os.path.join(backup, "we", "weight_evolution_state.json"))
+    resumed, resumed_we = train(backup, we_first=we_first)
 
     assert resumed_we.get_state() == straight_we.get_state()
     for a, b in zip(kernels(straight), kernels(resumed)):

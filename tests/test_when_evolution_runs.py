@@ -14,45 +14,9 @@ import numpy as np
 import pytest
 
 import keras_we
-from tests.utils import small_cnn, toy_data
+from tests.utils import EndIn, Interrupt, small_cnn, toy_data
 
 EPOCHS = 5
-
-
-class Interrupt(Exception):
-    pass
-
-
-class StopAt(keras.callbacks.Callback):
-    """Sets `stop_training` in `epoch`: at its end, as EarlyStopping does,
-    or after its first batch, as TerminateOnNaN does."""
-
-    def __init__(self, epoch, mid_epoch=False):
-        super().__init__()
-        self.epoch, self.mid_epoch, self.current = epoch, mid_epoch, None
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.current = epoch
-
-    def on_train_batch_end(self, batch, logs=None):
-        if self.mid_epoch and self.current == self.epoch:
-            self.model.stop_training = True
-
-    def on_epoch_end(self, epoch, logs=None):
-        if not self.mid_epoch and epoch == self.epoch:
-            self.model.stop_training = True
-
-
-class RaiseAt(StopAt):
-    """Raises in `epoch`: at its end, or after its first batch."""
-
-    def on_train_batch_end(self, batch, logs=None):
-        if self.mid_epoch and self.current == self.epoch:
-            raise Interrupt()
-
-    def on_epoch_end(self, epoch, logs=None):
-        if not self.mid_epoch and epoch == self.epoch:
-            raise Interrupt()
 
 
 def trainable(model):
@@ -115,7 +79,7 @@ def test_early_stopping(order):
 @pytest.mark.parametrize("order", range(2))
 def test_stop_training_in_any_order(tmp_path, mid_epoch, order):
     log = keras.callbacks.CSVLogger(str(tmp_path / "log.csv"))
-    callbacks = orders(StopAt(2, mid_epoch), log)[order]
+    callbacks = orders(EndIn(2, mid_epoch, stop_training=True), log)[order]
     model, ran = fit(callbacks)
     assert ran == 3
     assert_weights(model, evolved_by_hand(2), evolved_by_hand(3))
@@ -124,7 +88,7 @@ def test_stop_training_in_any_order(tmp_path, mid_epoch, order):
 @pytest.mark.parametrize("mid_epoch", [False, True], ids=["epoch_end", "mid_epoch"])
 @pytest.mark.parametrize("order", range(2))
 def test_exception_in_any_order(mid_epoch, order):
-    model, ran = fit(orders(RaiseAt(2, mid_epoch))[order])
+    model, ran = fit(orders(EndIn(2, mid_epoch))[order])
     assert ran is None
     # Epochs 0, 1 and (part of) 2 ran: evolutions after 0 and 1 only.
     assert_weights(model, evolved_by_hand(2), evolved_by_hand(3))
@@ -132,7 +96,7 @@ def test_exception_in_any_order(mid_epoch, order):
 
 @pytest.mark.parametrize("order", range(2))
 def test_evolve_last_epoch_means_the_last_that_ran(order):
-    model, ran = fit(orders(StopAt(2))[order], evolve_last_epoch=True)
+    model, ran = fit(orders(EndIn(2, stop_training=True))[order], evolve_last_epoch=True)
     assert ran == 3
     assert_weights(model, evolved_by_hand(3), evolved_by_hand(2))
 

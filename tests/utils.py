@@ -71,3 +71,35 @@ def evolve_after(callback, epoch):
     logs = {}
     callback.on_epoch_end(epoch + 1, logs)
     return logs
+
+
+class Interrupt(Exception):
+    """What `EndIn` raises, as a crash would."""
+
+
+class EndIn(keras.callbacks.Callback):
+    """Ends `fit` in `epoch`: at its end, or with `mid_epoch` after its
+    batch `batch`; by raising `Interrupt`, or with `stop_training=True` by
+    setting `model.stop_training` (as EarlyStopping does at an epoch's end
+    and TerminateOnNaN after a batch)."""
+
+    def __init__(self, epoch, mid_epoch=False, batch=0, stop_training=False):
+        super().__init__()
+        self.epoch, self.mid_epoch, self.batch = epoch, mid_epoch, batch
+        self.stop_training, self.current = stop_training, None
+
+    def end(self):
+        if not self.stop_training:
+            raise Interrupt()
+        self.model.stop_training = True
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.current = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.mid_epoch and self.current == self.epoch and batch == self.batch:
+            self.end()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.mid_epoch and epoch == self.epoch:
+            self.end()
