@@ -569,7 +569,7 @@ class Evolver:
     the host, `crossover`, which also writes the evolved variables.
 
     The evolver is made for the model's trainable variables at the time;
-    `fits(model, options)` tells whether it still applies (see
+    `fits(options, targets)` tells whether it still applies (see
     `evolver_for`).
     """
 
@@ -619,14 +619,11 @@ class Evolver:
     def model(self):
         return self._model()
 
-    def fits(self, model, options, targets):
-        """Whether this evolver is the one for `model`, `options` and
-        `targets` (as `find_targets(model)` returns them now)."""
-        return (
-            model is self.model
-            and options == self.options
-            and [id(t.variable) for t in targets] == [id(t.variable) for t in self.targets]
-        )
+    def fits(self, options, targets):
+        """Whether this evolver (of its model) is the one for `options` and
+        `targets` (as `find_targets` returns them now)."""
+        return options == self.options and (
+            [id(t.variable) for t in targets] == [id(t.variable) for t in self.targets])
 
     def _crossover_values(self, values, columns, norms, facts, counts):
         return self.plan.crossover(columns, norms, facts, counts)
@@ -684,7 +681,7 @@ def evolver_for(model, options):
     _check_model(model)
     current = _EVOLVERS.get(model)
     targets = find_targets(model) if model.built else None
-    if current is None or targets is None or not current.fits(model, options, targets):
+    if current is None or targets is None or not current.fits(options, targets):
         current = Evolver(model, options, targets)
         _EVOLVERS[model] = current
     return current

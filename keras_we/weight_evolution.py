@@ -152,7 +152,7 @@ class WeightEvolution(keras.callbacks.Callback):
         self._state = initial_state()
         self._saved_states = {}
         self._first_epoch = True
-        self._pending = None  # the epoch whose evolution is due when the next one begins
+        self._last_ended = None  # the last epoch that ended in this `fit`
         self._report = None  # what the evolution before the current epoch did
 
     # ------------------------------------------------------------ state
@@ -182,7 +182,7 @@ class WeightEvolution(keras.callbacks.Callback):
             for epoch in range(epochs):  # a schedule out of [0, 1] fails now, not later
                 self.options.ratios(epoch)
         self._first_epoch = True
-        self._pending = None
+        self._last_ended = None
         if self.backup_dir is not None:
             self._saved_states = self._read_backup()
 
@@ -192,25 +192,27 @@ class WeightEvolution(keras.callbacks.Callback):
             # A run that starts past epoch 0 (resumed by BackupAndRestore,
             # or continued with `initial_epoch`) holds the weights trained
             # up to `epoch - 1`, not yet evolved: take the counters saved
-            # then, and evolve.
+            # then.
             if epoch > 0 and (epoch - 1) in self._saved_states:
                 self.set_state(self._saved_states[epoch - 1])
-            self._pending = epoch - 1 if epoch > 0 and self._scheduled(epoch - 1) else None
-        due, self._pending = self._pending, None
-        self._report = self._evolve(due) if due is not None and due == epoch - 1 else None
+        # Keras begins epoch `e` only when epoch `e - 1` ended (or `e` is
+        # where this `fit` starts), so the evolution after `e - 1` is due.
+        due = epoch > 0 and self._scheduled(epoch - 1)
+        self._report = self._evolve(epoch - 1) if due else None
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
             logs.update((self._report or EvolutionReport(epoch, evolved=False)).to_logs())
         self._report = None
-        self._pending = epoch if self._scheduled(epoch) else None
+        self._last_ended = epoch
         if self.backup_dir is not None:
             self._write_backup(epoch)
 
     def on_train_end(self, logs=None):
-        if self.evolve_last_epoch and self._pending is not None:
-            self._evolve(self._pending)
-        self._pending = None
+        last = self._last_ended
+        if self.evolve_last_epoch and last is not None and self._scheduled(last):
+            self._evolve(last)
+        self._last_ended = None
 
     def _evolve(self, epoch):
         report, self._state = evolver_for(self.model, self.options)(epoch, self._state)
