@@ -13,7 +13,7 @@ Finished runs are kept, so an interrupted call resumes. Each run's
 
 import sys
 
-from keras_we.cli import main
+from keras_we.experiments.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["compare", *sys.argv[1:]]))

@@ -33,15 +33,14 @@ def trained_looking(model, seed=0):
     import keras
     import numpy as np
 
-    from keras_we.evolution import find_targets
+    from keras_we.layers import find_targets
 
     rng = np.random.default_rng(seed)
     for target in find_targets(model):
         value = keras.ops.convert_to_numpy(target.variable)
-        items = value.reshape(-1, value.shape[-1]).shape[-1] if target.group == "conv" else value.shape[0]
-        scale = 10.0 ** rng.uniform(-3, 0, size=items)
-        scale[rng.random(items) < 0.05] = 1e-6
-        if target.group != "conv":
+        scale = 10.0 ** rng.uniform(-3, 0, size=value.shape[-1])
+        scale[rng.random(value.shape[-1]) < 0.05] = 1e-6
+        if not target.layout.is_kernel:
             value = value + rng.normal(0.5, 0.2, size=value.shape)
         target.variable.assign((value * scale).astype(value.dtype))
 
@@ -83,7 +82,7 @@ def measure(name, input_shape, batch_size, repeats):
     import numpy as np
 
     import keras_we
-    from keras_we.evolution import EvolutionOptions, Evolver
+    from keras_we.evolution import EvolutionOptions, evolver_for
 
     model = keras_we.models.get(name, classes=10 if input_shape[0] == 32 else 1000, input_shape=input_shape)
     model.compile(
@@ -97,7 +96,7 @@ def measure(name, input_shape, batch_size, repeats):
     model.train_on_batch(x, y)  # builds and compiles the training step
     train = timed(lambda: model.train_on_batch(x, y), repeats)
 
-    evolver = Evolver(model, EvolutionOptions())
+    evolver = evolver_for(model, EvolutionOptions())
     state = {"conv_counter": 0, "gamma_counter": 0, "beta_counter": 0}
     start = time.perf_counter()
     report, state = evolver(30, state)

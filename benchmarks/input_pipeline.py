@@ -1,4 +1,4 @@
-"""Throughput of the CIFAR input pipeline (`keras_we.data`), in images/s.
+"""Throughput of the CIFAR input pipeline (`keras_we.experiments.data`), in images/s.
 
 Times, on one CPU thread and the real training images:
 
@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from keras_we import data
+from keras_we.experiments import data
 
 
 def images_per_second(fn, batches, repeats):

@@ -1,5 +1,5 @@
 import sys
 
-from keras_we.cli import main
+from keras_we.experiments.cli import main
 
 sys.exit(main())

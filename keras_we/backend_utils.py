@@ -1,4 +1,5 @@
-"""The few places where Keras backends differ for Weight Evolution."""
+"""The few places where Keras backends differ for Weight Evolution: every
+backend switch of the evolution step is in this module."""
 
 import keras
 from keras import ops
@@ -56,24 +57,25 @@ def _torch_segment(data, segment_ids, num_segments, reduction):
     return out.scatter_reduce_(0, ids, data, reduction, include_self=False)
 
 
-def true_indices(mask):
-    """Positions where the 1-D boolean `mask` is true, ascending, or None
-    for "all positions".
+def static_shapes():
+    """Whether evolution steps compile with static shapes (JAX, and
+    TensorFlow with XLA) rather than run op by op (PyTorch, eager).
 
-    Compiled steps (JAX, TensorFlow with XLA) need static shapes, so they
-    work on every position (None) and callers keep the results where
-    `mask` is true; eager PyTorch gathers the true positions and works on
-    those alone.
+    The step functions (`keras_we.steps`) choose by it in two places:
+    compiled steps cross every column over and keep the paired ones, and
+    sum columns into items tensor by tensor; eager steps gather the paired
+    columns first (their count depends on the values), and sum all columns
+    into items in one call (every op costs dispatch time).
     """
-    if keras.backend.backend() != "torch":
-        return None
-    return ops.nonzero(mask)[0]
+    return keras.backend.backend() != "torch"
 
 
-def variable_function(function, variables, writes=False):
+def variable_function(function, variables, writes=False, run_eagerly=False):
     """Runs `function(values, *args)` on the current values of `variables`.
 
-    Returns `call(*args, write=None)`, compiled where the backend allows it.
+    Returns `call(*args, write=None)`, compiled where the backend allows it
+    (unless `run_eagerly`, which runs op by op on every backend, for
+    debugging and for steps used once).
     `values` are the variables' values in order. With `writes=True`,
     `function` returns `(new_values, outputs)`: the new values are stored in
     the variables and `call` returns `outputs`.
@@ -86,7 +88,7 @@ def variable_function(function, variables, writes=False):
     where `write[i]` is true, or all of them when `write` is None.
     """
     name = keras.backend.backend()
-    if name == "tensorflow":
+    if name == "tensorflow" and not run_eagerly:
         import tensorflow as tf
 
         # XLA fuses the step's many small ops; it cannot reach the replicas
@@ -106,7 +108,7 @@ def variable_function(function, variables, writes=False):
 
         return lambda *args, write=None: run(*args)
 
-    if name == "jax":
+    if name == "jax" and not run_eagerly:
         import jax
 
         compiled = jax.jit(function)

@@ -154,7 +154,7 @@ def export_for_serving(model, base_dir, version=None, sample=None):
 def export_run(run_dir, base_dir, version=None):
     """Exports the `model.keras` of a finished run for TF-Serving.
 
-    `keras_we.experiments.train_run` (and `keras-we train` / `compare`)
+    `keras_we.experiments.runner.train_run` (and `keras-we train` / `compare`)
     saves each run's final model as `run_dir/model.keras`. This loads it
     (without its optimizer) and passes it to `export_for_serving`.
 
@@ -202,9 +202,8 @@ def export_run(run_dir, base_dir, version=None):
         )
     _check_base_dir(base_dir)
     _check_backend()
-    # Registers the custom layers and optimizer of the bundled models.
-    from keras_we import models, recipe  # noqa: F401
-
+    # The custom layers and optimizer of the bundled models are registered
+    # by `import keras_we`, which importing this module implies.
     model = keras.saving.load_model(model_path, compile=False)
     return export_for_serving(model, base_dir, version=version)
 

@@ -1,11 +1,47 @@
-"""The paper's schedule of selection ratios over epochs."""
+"""Schedules: the selection ratio `r(e)` of each epoch from a base ratio."""
 
 import math
 
 from keras_we.validation import check_real
 
 
-class PaperSchedule:
+class Schedule:
+    """How the selection ratios change over epochs.
+
+    A schedule maps a base ratio (`conv_ratio`, `gamma_ratio`,
+    `beta_ratio`) and a 0-based epoch to the ratio `r(e)` used after that
+    epoch. Subclasses define `ratio` and `get_config` (the arguments that
+    rebuild them, so that equal schedules compare equal and an evolver is
+    reused). Calling a schedule gives its multiplier, `ratio(1.0, epoch)`.
+    """
+
+    def ratio(self, base_ratio, epoch):
+        """The ratio `r(e)` at `epoch` for `base_ratio`."""
+        raise NotImplementedError
+
+    def get_config(self):
+        raise NotImplementedError
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def __call__(self, epoch):
+        """The multiplier of every selection ratio at `epoch`."""
+        return self.ratio(1.0, epoch)
+
+    def __eq__(self, other):
+        return type(other) is type(self) and self.get_config() == other.get_config()
+
+    def __hash__(self):
+        return hash((type(self).__name__, repr(self.get_config())))
+
+    def __repr__(self):
+        arguments = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({arguments})"
+
+
+class PaperSchedule(Schedule):
     """Multiplier of the selection ratios at each epoch, as in the paper's code.
 
     Training is split by `milestones` into segments; in segment `k` (the
@@ -103,10 +139,6 @@ class PaperSchedule:
         factor, start = self.segment(epoch)
         return float(base_ratio) * factor * _sigmoid((epoch - start) / self.temperature)
 
-    def __call__(self, epoch):
-        """The multiplier of every selection ratio at `epoch`."""
-        return self.ratio(1.0, epoch)
-
     def get_config(self):
         return {
             "milestones": list(self.milestones),
@@ -115,41 +147,55 @@ class PaperSchedule:
             "total_epochs": self.total_epochs,
         }
 
-    def __eq__(self, other):
-        return isinstance(other, PaperSchedule) and self.get_config() == other.get_config()
-
-    def __hash__(self):
-        return hash(repr(self.get_config()))
-
-    def __repr__(self):
-        return (
-            f"PaperSchedule(milestones={self.milestones}, factors={self.factors}, "
-            f"temperature={self.temperature})"
-        )
-
 
 def _sigmoid(x):
     return 1.0 / (1.0 + math.exp(-x))
 
 
-def selection_ratio(schedule, base_ratio, epoch):
-    """The ratio `r(e)` one selection uses at `epoch` under any schedule.
+class MultiplierSchedule(Schedule):
+    """A callable `epoch -> multiplier` as a schedule: `r(e) = base * f(e)`.
 
-    A `PaperSchedule` multiplies in the public code's order; any other
-    callable returns a multiplier, which must be a finite number >= 0.
+    `WeightEvolution(schedule=f)` wraps a plain callable in it. The
+    multiplier must be a finite real number >= 0.
+
+    Args:
+        function: the callable `epoch -> multiplier`.
     """
-    if isinstance(schedule, PaperSchedule):
-        return schedule.ratio(base_ratio, epoch)
-    multiplier = schedule(epoch)
-    try:
-        multiplier = float(multiplier)
-    except (TypeError, ValueError):
-        raise TypeError(
-            f"`schedule({epoch})` must return a real number; got {multiplier!r}."
-        ) from None
-    if not math.isfinite(multiplier) or multiplier < 0:
-        raise ValueError(
-            f"`schedule({epoch})` must return a finite number >= 0; "
-            f"got {multiplier!r}."
-        )
-    return float(base_ratio) * multiplier
+
+    def __init__(self, function):
+        if not callable(function):
+            raise TypeError(f"`function` must be a callable epoch -> multiplier; got {function!r}.")
+        self.function = function
+
+    def ratio(self, base_ratio, epoch):
+        multiplier = self.function(epoch)
+        try:
+            multiplier = float(multiplier)
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"`schedule({epoch})` must return a real number; got {multiplier!r}."
+            ) from None
+        if not math.isfinite(multiplier) or multiplier < 0:
+            raise ValueError(
+                f"`schedule({epoch})` must return a finite number >= 0; "
+                f"got {multiplier!r}."
+            )
+        return float(base_ratio) * multiplier
+
+    def get_config(self):
+        return {"function": self.function}
+
+
+def as_schedule(schedule):
+    """`schedule` as a `Schedule`: None is the paper's CIFAR schedule, and a
+    plain callable a `MultiplierSchedule`."""
+    if schedule is None:
+        return PaperSchedule()
+    if isinstance(schedule, Schedule):
+        return schedule
+    if callable(schedule):
+        return MultiplierSchedule(schedule)
+    raise TypeError(
+        "`schedule` must be None (the paper's CIFAR schedule), a "
+        f"keras_we.Schedule or a callable epoch -> multiplier; got {schedule!r}."
+    )

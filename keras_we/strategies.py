@@ -5,10 +5,10 @@ terms of Lin et al., "Weight Evolution" (ACM MM 2021) and of `SPEC.md`.
 Every function takes and returns backend tensors and uses `keras.ops` only,
 so the same code runs eagerly, under `jax.jit` and inside `tf.function`.
 
-Conv kernels are handled in a canonical *filter layout* `(S, C, O)`: `S`
-spatial positions in row-major order, `C` input channels of one filter and
-`O` filters (see `filter_layout`). BatchNorm gamma and beta are plain
-vectors of `O` items.
+Crossovers take paired filters in *filter layout* `(S, C, P)`: `S` spatial
+positions in row-major order, `C` input channels of one filter and `P`
+pairs (see `keras_we.layouts`). BatchNorm gamma and beta are plain vectors.
+The crossover modes' element formulas live in `keras_we.crossovers`.
 """
 
 import math
@@ -17,41 +17,6 @@ import numpy as np
 from keras import ops
 
 from keras_we.backend_utils import segment_max, segment_sum, stable_argsort
-
-CROSSOVER_MODES = ("paper", "reference")
-
-
-# ---------------------------------------------------------------- layouts
-
-
-def filter_layout(kernel, depthwise=False):
-    """Reshapes a Keras conv kernel to the filter layout `(S, C, O)`.
-
-    A regular (or grouped) kernel `(*spatial, cin_per_group, cout)` has
-    `cout` filters of `cin_per_group` channels. A depthwise kernel
-    `(*spatial, cin, depth_multiplier)` has `cin * depth_multiplier` filters
-    of one channel each, filter `c * depth_multiplier + m` being
-    `kernel[..., c, m]`, which is what a row-major reshape gives.
-    """
-    shape = tuple(kernel.shape)
-    spatial = math.prod(shape[:-2])
-    if depthwise:
-        return ops.reshape(kernel, (spatial, 1, shape[-2] * shape[-1]))
-    return ops.reshape(kernel, (spatial, shape[-2], shape[-1]))
-
-
-def uses_filter_crossover(kernel_shape, mode):
-    """Whether a kernel takes the filter-level crossover path.
-
-    The paper blends whole filters of 1x1 kernels. The public code tests
-    only the first spatial size, so a `1 x k` kernel also takes that path in
-    `reference` mode.
-    """
-    spatial = tuple(kernel_shape[:-2])
-    if mode == "reference":
-        return spatial[0] == 1
-    return math.prod(spatial) == 1
-
 
 # ---------------------------------------------------------------- scores
 
@@ -234,29 +199,21 @@ def filter_crossover(inferior, dominant, inferior_norms=None, dominant_norms=Non
     return ops.where(valid, mixed, inferior)
 
 
-def element_crossover(inferior, dominant, mode="paper"):
+def element_crossover(inferior, dominant, element):
     """Crossover of single elements, one per input channel of each filter.
 
     `inferior` and `dominant` hold the paired filters in filter layout
     `(S, C, P)`. For each channel, `l` is the dominant filter's element of
     largest magnitude and `s` the inferior filter's element of smallest
     magnitude (the first in row-major order on ties). Every element of the
-    inferior channel equal to `s` becomes
-
-    - `paper`: `a*s + (1-a)*l` with `a = |s| / (|s| + |l|)`, the paper's
-      Fig. 1: the weak element moves most of the way to the strong one;
-    - `reference`: `l*a + s*(1-a)` with `a = s / (s + l)`, signed, which is
-      what the public code computes (`2sl / (s+l)`, about `2s`).
+    inferior channel equal to `s` becomes `element(s, l)`, the crossover
+    mode's formula (see `keras_we.crossovers`), where that is valid.
 
     Returns the new inferior filters.
     """
     largest = _first_extreme(dominant, largest=True)
     smallest = _first_extreme(inferior, largest=False)
-    if mode == "paper":
-        value, valid = blend(smallest, largest, ops.abs(smallest), ops.abs(largest))
-    else:
-        # The public code swaps the roles of the two elements in its blend.
-        value, valid = blend(largest, smallest, smallest, largest)
+    value, valid = element(smallest, largest)
     replace = ops.logical_and(inferior == smallest, valid)
     return ops.where(replace, value, inferior)
 

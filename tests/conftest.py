@@ -1,6 +1,6 @@
 """Shared fixtures: the real CIFAR-10, for the tests that train or check on it.
 
-The real data comes from where `keras_we.data.load_cifar()` finds it:
+The real data comes from where `keras_we.experiments.data.load_cifar()` finds it:
 `KERAS_WE_DATA_DIR` when it is set (CI sets it), else `keras.datasets`,
 which downloads CIFAR-10 once into `~/.keras/datasets`. When neither works
 the tests that need it are skipped, with a reason that says how to provide
@@ -14,7 +14,7 @@ from typing import NamedTuple, Optional
 
 import pytest
 
-from keras_we import data
+from keras_we.experiments import data
 
 HOW_TO_PROVIDE = (
     f"set {data.DATA_DIR_ENV} to a folder holding cifar10.npz, "
@@ -39,7 +39,7 @@ def find_real_cifar10(timeout=DOWNLOAD_TIMEOUT_S):
     """Loads the real CIFAR-10 the way the tests will, and says from where.
 
     Returns a `CifarSource` whose `skip_reason` is `None` if
-    `keras_we.data.load_cifar("cifar10")` works with the current
+    `keras_we.experiments.data.load_cifar("cifar10")` works with the current
     environment (and then goes on working: `keras.datasets` caches what it
     downloads), else the reason to skip, which says how to provide the
     data. A malformed file is not skipped: `load_cifar`'s `ValueError`
@@ -75,7 +75,7 @@ def real_cifar10():
     """The real CIFAR-10's `CifarSource`; skips the test when it is missing.
 
     Checked once per session (a skip is then repeated for every test that
-    asks). Once it has passed, `keras_we.data.load_cifar()` (and so the
+    asks). Once it has passed, `keras_we.experiments.data.load_cifar()` (and so the
     runner and the CLI) loads the real data in the test. `.path` is the
     `.npz` file when the data comes from `KERAS_WE_DATA_DIR`, else `None`.
     """

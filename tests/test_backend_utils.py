@@ -41,14 +41,41 @@ def test_segments_of_ints_match_keras(name):
     np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("mask", [[0, 1, 1, 0, 1], [0, 0, 0], [1, 1]])
-def test_true_indices(mask):
-    mask = np.array(mask, bool)
-    got = backend_utils.true_indices(ops.convert_to_tensor(mask))
-    if keras.backend.backend() != "torch":
-        assert got is None  # compiled, static shapes: every position
-    else:
-        np.testing.assert_array_equal(numpy(got), np.flatnonzero(mask))
+@pytest.mark.parametrize("mode", ["paper", "reference"])
+def test_both_step_styles_compute_the_same_evolution(monkeypatch, mode):
+    """The steps' two backend-dependent choices (`static_shapes`: all columns
+    or the paired ones; norms by layout or in one segment sum) agree
+    exactly, on every backend, run eagerly."""
+    from keras_we import steps
+    from keras_we.evolution import EvolutionOptions, Evolver
+    from keras_we.layers import find_targets
+
+    options = EvolutionOptions(conv_ratio=0.5, gamma_ratio=0.5, beta_ratio=0.5,
+                               schedule=lambda epoch: 1.0, crossover=mode)
+    results = []
+    for static in (True, False):
+        monkeypatch.setattr(steps, "static_shapes", lambda: static)
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([
+            keras.Input((6, 6, 3)),
+            keras.layers.Conv2D(8, 3, use_bias=False),
+            keras.layers.BatchNormalization(),
+            keras.layers.DepthwiseConv2D(3, depth_multiplier=2, use_bias=False),
+            keras.layers.Conv2D(6, 1, use_bias=False),
+            keras.layers.BatchNormalization(),
+        ])
+        rng = np.random.default_rng(1)
+        for variable in model.trainable_variables:
+            value = numpy(variable) + rng.normal(0.5, 0.2, size=variable.shape)
+            scale = 10.0 ** rng.uniform(-3, 0, size=variable.shape[-1])
+            variable.assign((value * scale).astype("float32"))
+        report, state = Evolver(find_targets(model), options, run_eagerly=True)(0, None)
+        results.append(([numpy(v) for v in model.trainable_variables], report, state))
+    (static_values, static_report, static_state), (eager_values, eager_report, eager_state) = results
+    assert static_report.conv_evolved > 0 and static_report.gamma_evolved > 0
+    assert (static_report, static_state) == (eager_report, eager_state)
+    for a, b in zip(static_values, eager_values):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_variable_function_reads_and_writes():

@@ -14,12 +14,11 @@ import sys
 
 import pytest
 
-from keras_we import cli, experiments
-from keras_we.schedule import selection_ratio
+from keras_we.experiments import cli, runner
 
 
 class FakeTraining:
-    """Stands in for `experiments.train_run`: records each config and
+    """Stands in for `runner.train_run`: records each config and
     returns a run record of the real form; `fail` maps a run name to the
     exception that run raises."""
 
@@ -50,9 +49,9 @@ class FakeTraining:
 @pytest.fixture
 def training(monkeypatch):
     fake = FakeTraining()
-    monkeypatch.setattr(experiments, "train_run", fake)
+    monkeypatch.setattr(runner, "train_run", fake)
     # The data check loads CIFAR-10; these tests do not need it.
-    monkeypatch.setattr(experiments, "check_data", lambda config: None)
+    monkeypatch.setattr(runner, "check_data", lambda config: None)
     return fake
 
 
@@ -149,7 +148,7 @@ def test_smoke_preset_is_small_and_evolves_before_the_last_epoch(tmp_path, capsy
     # WE never evolves after the last epoch, so it must select something
     # after one of the epochs before it.
     schedule = configs[0].recipe().we_schedule()
-    assert max(selection_ratio(schedule, 0.2, epoch) for epoch in range(configs[0].epochs - 1)) > 0
+    assert max(schedule.ratio(0.2, epoch) for epoch in range(configs[0].epochs - 1)) > 0
     assert "preset smoke" in setting_line(capsys.readouterr().out)
 
 
@@ -198,7 +197,7 @@ def test_a_failing_plot_still_prints_and_writes_the_table(tmp_path, capsys, monk
     def broken_plot(runs, out_dir):
         raise RuntimeError("no usable matplotlib backend")
 
-    monkeypatch.setattr(experiments, "plot_runs", broken_plot)
+    monkeypatch.setattr(runner, "plot_runs", broken_plot)
     out = str(tmp_path / "cmp")
     assert cli.main(["compare", *TINY_ARGS, "--out", out]) == 1
     stdout, err = capsys.readouterr()
@@ -207,7 +206,7 @@ def test_a_failing_plot_still_prints_and_writes_the_table(tmp_path, capsys, monk
     assert "plotting" in err and "RuntimeError: no usable matplotlib backend" in err
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert len(summary["runs"]) == 3 and summary["failed"] == []
-    assert open(os.path.join(out, "table.md")).read() == experiments.format_table(summary["table"])
+    assert open(os.path.join(out, "table.md")).read() == runner.format_table(summary["table"])
     assert os.path.getsize(os.path.join(out, "table.csv")) > 0
 
 

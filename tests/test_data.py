@@ -1,16 +1,17 @@
-"""Tests of keras_we.data: loading, subsets, augmentation, normalization and
+"""Tests of keras_we.experiments.data: loading, subsets, augmentation, normalization and
 the seeded `CifarSequence`."""
 
 import os
 import socket
 import time
 import urllib.request
+import warnings
 
 import keras
 import numpy as np
 import pytest
 
-from keras_we import data
+from keras_we.experiments import data
 from tests.conftest import HOW_TO_PROVIDE, find_real_cifar10
 
 # The canonical first labels of CIFAR-10.
@@ -420,6 +421,8 @@ def test_sequence_shuffle_and_augment(small):
 
 
 def test_sequence_determinism(small):
+    """A batch depends only on (seed, epoch, index): not on the instance,
+    the order batches are asked in, or the epochs visited before."""
     x, y = small
 
     def make(seed):
@@ -428,43 +431,55 @@ def test_sequence_determinism(small):
         )
 
     a, b, other = make(1), make(1), make(2)
+    assert a.epoch == 0
     first = epoch_batches(a)
     # Same seed, another instance, batches asked for in another order.
     assert_same_batches(first, epoch_batches(b, reversed(range(len(b)))))
     assert not np.array_equal(other[0][0], first[0][0])
     assert not np.array_equal(other.order(), a.order())
     # A new epoch brings a new order and new crops, the same for a and b.
-    for sequence in (a, b):
-        sequence.on_epoch_begin()
-        sequence.on_epoch_end()
-    assert a.epoch == b.epoch == 1
+    a.epoch = 1
     second = epoch_batches(a)
     assert not np.array_equal(second[0][0], first[0][0])
+    assert not np.array_equal(a.order(), a.order(0))
+    # b jumps there from elsewhere (as a resumed run does, or worker
+    # threads asking for another epoch in between).
+    b.epoch = 5
+    epoch_batches(b)
+    b.epoch = 1
     assert_same_batches(second, epoch_batches(b))
-    # Resuming at epoch 1.
-    resumed = data.CifarSequence(
-        x, y, batch_size=64, augment=True, shuffle=True, seed=1, initial_epoch=1
-    )
+    resumed = make(1)
+    resumed.epoch = 1
     assert_same_batches(second, epoch_batches(resumed))
+    resumed.epoch = 0
+    assert_same_batches(first, epoch_batches(resumed))
 
 
-def test_sequence_epoch_counting(small):
+def test_the_sequence_never_moves_its_epoch_itself(small):
     x, y = small
-    sequence = data.CifarSequence(x, y)
-    # `fit()` ends an epoch before the first one, and on JAX and torch
-    # begins and ends one after reading a batch to build the model.
-    sequence[0]
-    sequence.on_epoch_end()
-    sequence.on_epoch_begin()
-    sequence[0]
-    sequence.on_epoch_end()
+    sequence = data.CifarSequence(x, y, batch_size=128, seed=3)
+    data.SyncEpoch(sequence)  # no warning below
+    # What fit() calls on a PyDataset, over and over: the epoch stays.
+    for _ in range(3):
+        sequence.on_epoch_begin()
+        epoch_batches(sequence)
+        sequence.on_epoch_end()
     assert sequence.epoch == 0
-    sequence.on_epoch_begin()
-    epoch_batches(sequence)
+    sequence.epoch = 7
     sequence.on_epoch_end()
-    assert sequence.epoch == 1
-    sequence.on_epoch_end()
-    assert sequence.epoch == 1
+    assert sequence.epoch == 7
+    for bad in (-1, 1.5, True, None):
+        with pytest.raises(ValueError, match="`epoch` must be an integer >= 0"):
+            sequence.epoch = bad
+    assert sequence.epoch == 7
+    sequence.epoch = np.int64(2)
+    assert sequence.epoch == 2 and type(sequence.epoch) is int
+
+
+def test_initial_epoch_is_gone_and_says_what_replaces_it(small):
+    x, y = small
+    with pytest.raises(TypeError, match=r"SyncEpoch\(sequence\)"):
+        data.CifarSequence(x, y, initial_epoch=1)
 
 
 class RecordingSequence(data.CifarSequence):
@@ -478,24 +493,76 @@ class RecordingSequence(data.CifarSequence):
 
 
 def tiny_model():
+    keras.utils.set_random_seed(0)
     model = keras.Sequential(
         [
             keras.Input((32, 32, 3)),
+            keras.layers.Conv2D(4, 3),
             keras.layers.GlobalAveragePooling2D(),
             keras.layers.Dense(10),
         ]
     )
     model.compile(
-        optimizer="sgd",
+        optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
     return model
 
 
+def max_difference(a, b):
+    return max(float(np.max(np.abs(u - v))) for u, v in zip(a, b))
+
+
+def test_fit_trains_epoch_e_on_the_batches_of_epoch_e(small):
+    """The one thing the exactness takes from Keras, checked on the current
+    backend: with `workers=1`, `fit()` asks for the batches of epoch `e`
+    only after the callbacks' `on_epoch_begin(e)`, where `SyncEpoch` moves
+    the sequence to `e`; also when `fit()` resumes at `initial_epoch`, after
+    a pass that builds the model on a batch of the sequence's epoch 0.
+    Public API only; a Keras that prefetched across epochs fails this.
+    """
+    x, y = small
+    epochs = 3
+
+    def sequence():
+        return data.CifarSequence(
+            x[:96], y[:96], batch_size=32, augment=True, shuffle=True, seed=1
+        )
+
+    def by_hand(epoch_list):
+        model, train = tiny_model(), sequence()
+        for epoch in epoch_list:
+            train.epoch = epoch
+            for index in range(len(train)):
+                model.train_on_batch(*train[index])
+        return model.get_weights()
+
+    want = by_hand(range(epochs))
+    # Data of other epochs would show: a different trajectory.
+    assert max_difference(want, by_hand([0] * epochs)) > 1e-3
+
+    model, train = tiny_model(), sequence()
+    model.fit(
+        train, epochs=epochs, shuffle=False, verbose=0,
+        callbacks=[data.SyncEpoch(train)],
+    )
+    assert max_difference(model.get_weights(), want) <= 1e-6
+
+    # Interrupted after epoch 0, resumed in a new fit() on a new sequence.
+    model, train = tiny_model(), sequence()
+    model.fit(train, epochs=1, shuffle=False, verbose=0, callbacks=[data.SyncEpoch(train)])
+    resumed = sequence()
+    model.fit(
+        resumed, initial_epoch=1, epochs=epochs, shuffle=False, verbose=0,
+        callbacks=[data.SyncEpoch(resumed)],
+    )
+    assert max_difference(model.get_weights(), want) <= 1e-6
+
+
 def test_sequence_with_fit(small):
     x, y = small
 
-    def train(seed, sync=False):
+    def train(seed):
         keras.utils.set_random_seed(0)
         sequence = RecordingSequence(
             x[:96],
@@ -511,22 +578,41 @@ def test_sequence_with_fit(small):
             epochs=2,
             shuffle=False,
             verbose=0,
-            callbacks=[data.SyncEpoch(sequence)] if sync else [],
+            callbacks=[data.SyncEpoch(sequence)],
         )
         return sequence, model.get_weights()
 
     sequence, weights = train(seed=1)
-    assert sequence.epoch == 2
+    assert sequence.epoch == 1
     epochs = [epoch for epoch, _ in sequence.calls]
     assert epochs == sorted(epochs) and set(epochs) == {0, 1}
     assert sorted(i for e, i in sequence.calls if e == 1) == [0, 1, 2]
     assert {i for e, i in sequence.calls if e == 0} == {0, 1, 2}
     # Paired runs: the same seed trains identically, another seed does not.
-    _, again = train(seed=1, sync=True)
+    _, again = train(seed=1)
     for a, b in zip(weights, again):
         np.testing.assert_array_equal(a, b)
     _, other = train(seed=2)
     assert not all(np.array_equal(a, b) for a, b in zip(weights, other))
+
+
+def test_without_sync_epoch_every_epoch_is_the_same_and_fit_warns(small):
+    x, y = small
+    sequence = RecordingSequence(x[:96], y[:96], batch_size=32, augment=True, seed=1)
+    with pytest.warns(UserWarning, match="without SyncEpoch") as warned:
+        tiny_model().fit(sequence, epochs=3, shuffle=False, verbose=0)
+    assert len([w for w in warned if "SyncEpoch" in str(w.message)]) == 1
+    assert {e for e, _ in sequence.calls} == {0} and sequence.epoch == 0
+    # Nothing to warn about: a sequence that neither shuffles nor augments
+    # (a test set), or one with a SyncEpoch.
+    plain = data.CifarSequence(x[:96], y[:96], batch_size=32)
+    synced = data.CifarSequence(x[:96], y[:96], batch_size=32, augment=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*without SyncEpoch")
+        tiny_model().evaluate(plain, verbose=0)
+        tiny_model().fit(synced, epochs=1, verbose=0, shuffle=False, callbacks=[data.SyncEpoch(synced)])
+    with pytest.raises(TypeError, match="`epoch` attribute"):
+        data.SyncEpoch(object())
 
 
 def test_sync_epoch_when_resuming(small):
@@ -543,7 +629,7 @@ def test_sync_epoch_when_resuming(small):
     )
     assert sorted(i for e, i in sequence.calls if e == 1) == [0, 1, 2]
     assert {e for e, _ in sequence.calls} <= {0, 1}  # 0: building the model
-    assert sequence.epoch == 2
+    assert sequence.epoch == 1
 
 
 @pytest.mark.parametrize(
@@ -551,7 +637,6 @@ def test_sync_epoch_when_resuming(small):
     [
         ({"batch_size": 0}, "`batch_size` must be an integer >= 1"),
         ({"seed": -1}, "`seed` must be an integer >= 0"),
-        ({"initial_epoch": 1.5}, "`initial_epoch` must be an integer >= 0"),
         ({"mean": (0.5, 0.5)}, "one value per channel"),
     ],
 )

@@ -58,7 +58,7 @@ import keras
 import numpy as np
 
 import keras_we
-from keras_we.evolution import find_targets
+from keras_we.layers import find_targets
 from tests.utils import tiny_cnn
 
 if kind == "jax-data-parallel":

@@ -1,14 +1,19 @@
-"""The runner on the real CIFAR-10: paired runs, summary, resume, bad input."""
+"""The runner (`keras_we.experiments.runner`) on the real CIFAR-10: paired runs,
+summary, resume, bad input."""
 
+import builtins
+import contextlib
 import json
 import os
+import sys
 
 import keras
 import numpy as np
 import pytest
 
-from keras_we import cli, experiments
-from keras_we.recipe import Recipe
+from keras_we.experiments import cli, runner
+from keras_we.experiments.recipe import Recipe
+from tests.utils import EndIn, Interrupt
 
 # The runner trains on the real CIFAR-10: skipped, saying how to provide it, without it.
 pytestmark = pytest.mark.usefixtures("real_cifar10")
@@ -17,7 +22,7 @@ TINY = dict(epochs=2, train_size=200, test_size=100, batch_size=50)
 
 
 def tiny_plan(methods=("baseline", "we-paper"), seeds=(0,)):
-    return experiments.plan(model="resnet20", dataset="cifar10", methods=methods, seeds=seeds, **TINY)
+    return runner.plan(model="resnet20", dataset="cifar10", methods=methods, seeds=seeds, **TINY)
 
 
 def weights_of(run_dir):
@@ -64,15 +69,15 @@ def test_compare_writes_summary_table_and_plots(tmp_path):
 def test_a_run_that_raises_is_recorded_and_the_others_are_summarized(tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "cmp")
     configs = tiny_plan(methods=("we-paper", "baseline"))
-    real_train_run = experiments.train_run
+    real_train_run = runner.train_run
 
     def train_run(config, out_dir, verbose=1):
         if config.method == "we-paper":
             raise FloatingPointError("loss is NaN")
         return real_train_run(config, out_dir, verbose=verbose)
 
-    monkeypatch.setattr(experiments, "train_run", train_run)
-    summary = experiments.compare(configs, out, verbose=0)
+    monkeypatch.setattr(runner, "train_run", train_run)
+    summary = runner.compare(configs, out, verbose=0)
     # The failure came first; the baseline still trained, for real.
     [run] = summary["runs"]
     assert run["method"] == "baseline" and len(run["history"]["test_accuracy"]) == 2
@@ -100,49 +105,70 @@ def test_a_failing_plot_leaves_the_tables_written(tmp_path, monkeypatch):
     def broken_plot(runs, out_dir):
         raise RuntimeError("cannot plot")
 
-    monkeypatch.setattr(experiments, "plot_runs", broken_plot)
+    monkeypatch.setattr(runner, "plot_runs", broken_plot)
     with pytest.raises(RuntimeError, match="cannot plot"):
-        experiments.summarize(runs, out)
+        runner.summarize(runs, out)
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["runs"] == runs and summary["failed"] == []
     [row] = summary["table"]
     assert row["final_test_accuracy_mean"] == pytest.approx(30.5)
-    assert open(os.path.join(out, "table.md")).read() == experiments.format_table(summary["table"])
+    assert open(os.path.join(out, "table.md")).read() == runner.format_table(summary["table"])
     with open(os.path.join(out, "table.csv")) as f:
-        assert f.readline().strip() == ",".join(experiments.TABLE_FIELDS)
+        assert f.readline().strip() == ",".join(runner.TABLE_FIELDS)
         assert f.readline().startswith("baseline,2,30.5")
 
 
 def test_finished_runs_are_never_overwritten(tmp_path):
     out = str(tmp_path / "cmp")
     configs = tiny_plan(methods=("baseline",))
-    experiments.compare(configs, out, verbose=0)
+    runner.compare(configs, out, verbose=0)
     run_file = os.path.join(out, "runs", configs[0].name, "run.json")
     before = os.stat(run_file).st_mtime_ns
-    experiments.compare(configs, out, verbose=0)
+    runner.compare(configs, out, verbose=0)
     assert os.stat(run_file).st_mtime_ns == before
 
 
-class Interrupt(Exception):
-    pass
+@contextlib.contextmanager
+def watching_opens_of(name):
+    """Yields the list of the modules that `open()` a file called `name`
+    while in the block (Keras opens local files with `open()`)."""
+    readers, real_open = [], builtins.open
+
+    def watching_open(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and os.path.basename(os.fspath(file)) == name:
+            readers.append(sys._getframe(1).f_globals.get("__name__", "?"))
+        return real_open(file, *args, **kwargs)
+
+    builtins.open = watching_open
+    try:
+        yield readers
+    finally:
+        builtins.open = real_open
 
 
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     config = tiny_plan(methods=("we-paper",))[0]
-    straight = experiments.train_run(config, str(tmp_path / "straight"), verbose=0)
+    straight = runner.train_run(config, str(tmp_path / "straight"), verbose=0)
 
-    class InterruptAfterFirstEpoch(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            raise Interrupt()
-
+    # A crash in epoch 1, after two of its four batches: the backup holds
+    # the end of epoch 0, and epoch 1 must start again on its own batches.
     original = Recipe.callbacks
-    monkeypatch.setattr(Recipe, "callbacks", lambda self: original(self) + [InterruptAfterFirstEpoch()])
+    monkeypatch.setattr(Recipe, "callbacks", lambda self: original(self) + [EndIn(1, mid_epoch=True, batch=1)])
     resumed_dir = str(tmp_path / "resumed")
     with pytest.raises(Interrupt):
-        experiments.train_run(config, resumed_dir, verbose=0)
+        runner.train_run(config, resumed_dir, verbose=0)
     assert not os.path.exists(os.path.join(resumed_dir, "run.json"))
     monkeypatch.setattr(Recipe, "callbacks", original)
-    resumed = experiments.train_run(config, resumed_dir, verbose=0)
+    metadata = os.path.join(resumed_dir, "backup", "training_metadata.json")
+    assert json.load(open(metadata))["epoch"] == 1  # BackupAndRestore's, private to Keras
+    with watching_opens_of("training_metadata.json") as readers:
+        resumed = runner.train_run(config, resumed_dir, verbose=0)
+    # Keras's BackupAndRestore read its metadata; nothing of keras_we did:
+    # the data resumed at epoch 1 from the epoch index fit gave SyncEpoch.
+    assert readers and all(r.startswith("keras.") for r in readers), readers
+    # It resumed at epoch 1: the log has epoch 0 from before the crash, then 1.
+    with open(os.path.join(resumed_dir, "history.csv")) as f:
+        assert [line.split(",")[0] for line in f.read().splitlines()] == ["epoch", "0", "1"]
 
     assert resumed["history"]["epoch"] == [0, 1]
     assert resumed["history"]["items_evolved"] == straight["history"]["items_evolved"]

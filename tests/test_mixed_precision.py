@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import keras_we
-from keras_we.evolution import find_targets
+from keras_we.layers import find_targets
 from tests.utils import toy_data
 
 FLOAT16_MAX = 65504.0

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import keras_we
-from keras_we.evolution import find_targets
+from keras_we.layers import find_targets
 from tests.utils import LayerStack, kernels, small_cnn, tiny_cnn, toy_data
 
 

@@ -1,4 +1,4 @@
-"""Tests of keras_we.models: parameter counts, forward passes, the two
+"""Tests of keras_we.experiments.models: parameter counts, forward passes, the two
 custom layers, `.keras` round trips and argument errors."""
 
 import os
@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_we import models
+from keras_we.experiments import models
 
 # Trainable parameters for classes=10, as in the paper's PyTorch code.
 PARAMS = {

@@ -1,8 +1,9 @@
 """Properties of one evolution step on random layer stacks (hypothesis).
 
 Kernels of random shapes with magnitudes from 1e-8 to 1e4, exact zeros and
-single-filter layers go through `evolve_group` (the `Plan` steps the
-callback compiles, run eagerly) and through `keras_we.evolve` on real layers.
+single-filter layers go through an `Evolver` on bare variables (the steps
+the callback compiles, run eagerly) and through `keras_we.evolve` on real
+layers.
 """
 
 import math
@@ -13,8 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import keras_we
-from keras_we import strategies
-from keras_we.evolution import evolve_group
+from keras_we import layouts, strategies
+from keras_we.evolution import EvolutionOptions, Evolver
+from keras_we.layers import Target
 
 SETTINGS = settings(
     max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -40,17 +42,19 @@ def kernel_stacks(draw):
     return kernels
 
 
-def run_group(kernels, ratio, mode, counter=0, local_ratio=0.1, limit=1):
-    """`evolve_group` on kernels given in filter layout (Conv1D-shaped)."""
-    tensors = [keras.ops.convert_to_tensor(k) for k in kernels]
-    crossovers = ["filter" if k.shape[0] == 1 else f"element-{mode}" for k in kernels]
-    results, counter, evolved, changed, skipped = evolve_group(
-        tensors, crossovers, ratio, counter, local_ratio, limit
-    )
-    assert skipped == []
-    results = [k if r is None else keras.ops.convert_to_numpy(r) for k, r in zip(kernels, results)]
-    assert changed == sum(int((r != k).sum()) for r, k in zip(results, kernels))
-    return results, counter, evolved
+def run_group(kernels, ratio, mode, counter=0, local_ratio=0.1):
+    """One eager step on kernels given in filter layout (Conv1D-shaped),
+    with a starvation limit of 1."""
+    variables = [keras.Variable(k) for k in kernels]
+    options = EvolutionOptions(
+        conv_ratio=ratio, local_ratio=local_ratio, force_divisor=len(kernels),
+        schedule=lambda epoch: 1.0, crossover=mode)
+    evolver = Evolver([Target(v, layouts.REGULAR_KERNEL) for v in variables], options, run_eagerly=True)
+    report, state = evolver(0, {"conv_counter": counter, "gamma_counter": 0, "beta_counter": 0})
+    assert report.skipped == [] and evolver.starvation_limit == 1
+    results = [keras.ops.convert_to_numpy(v) for v in variables]
+    assert report.changed_elements == sum(int((r != k).sum()) for r, k in zip(results, kernels))
+    return results, state["conv_counter"], report.conv_evolved
 
 
 def scores_of(kernel):

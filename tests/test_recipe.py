@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_we.recipe import PaperSGD, Recipe
+from keras_we.experiments.recipe import PaperSGD, Recipe
 
 
 def torch_sgd_trajectory(w0, grads, lrs, momentum, weight_decay):

@@ -17,9 +17,10 @@ import pytest
 from keras import ops
 
 import keras_we
-from keras_we import strategies
+from keras_we import crossovers, layouts, strategies
+from keras_we.evolution import EvolutionOptions, Evolver, evolver_for
+from keras_we.layers import Target, find_targets
 from tests.utils import LayerStack
-from keras_we.evolution import EvolutionOptions, Evolver, evolve_group, find_targets
 
 GROUPS = ("conv", "gamma", "beta")
 MODES = ("paper", "reference")
@@ -43,8 +44,11 @@ def scalar(x):
 
 def crossed(crossover, values, mapping, **kwargs):
     """`values` (filter layout or BN vector, NumPy) after `crossover` of each
-    inferior item `j` with the dominant item `mapping[j]` (last axis)."""
+    inferior item `j` with the dominant item `mapping[j]` (last axis). A
+    `mode` names the crossover mode whose element formula is used."""
     inferior, dominant = list(mapping), list(mapping.values())
+    if "mode" in kwargs:
+        kwargs = {"element": crossovers.get(kwargs.pop("mode")).element, **kwargs}
     new = crossover(tensor(values[..., inferior]), tensor(values[..., dominant]), **kwargs)
     out = values.copy()
     out[..., inferior] = numpy(new)
@@ -466,7 +470,7 @@ def test_element_crossover_row_major_ties_in_kernel(mode, value):
     kernel = np.zeros((2, 2, 1, 2), "float32")
     kernel[..., 0, 0] = [[1.0, -3.0], [3.0, 0.0]]
     kernel[..., 0, 1] = [[0.5, 0.25], [-0.25, 1.0]]
-    layout = numpy(strategies.filter_layout(tensor(kernel)))
+    layout = numpy(layouts.REGULAR_KERNEL.filters(tensor(kernel)))
     new = crossed(strategies.element_crossover, layout, {1: 0}, mode=mode).reshape(kernel.shape)
     np.testing.assert_allclose(new[..., 0, 1], [[0.5, value], [-0.25, 1.0]], rtol=1e-6)
     np.testing.assert_array_equal(new[..., 0], kernel[..., 0])
@@ -531,7 +535,7 @@ def test_crossovers_match_oracle_and_stay_finite(mode):
 def test_filter_layout_depthwise():
     # kernel (2, 1, 2, 2) = arange: kernel[h, 0, c, m] = 4h + 2c + m
     kernel = np.arange(8, dtype="float32").reshape(2, 1, 2, 2)
-    layout = numpy(strategies.filter_layout(tensor(kernel), depthwise=True))
+    layout = numpy(layouts.DEPTHWISE_KERNEL.filters(tensor(kernel)))
     assert layout.shape == (2, 1, 4)
     # filter c*dm + m: 0 = (c0, m0), 1 = (c0, m1), 2 = (c1, m0), 3 = (c1, m1)
     np.testing.assert_array_equal(layout[:, 0, :], [[0, 1, 2, 3], [4, 5, 6, 7]])
@@ -543,7 +547,7 @@ def test_filter_layout_regular_and_grouped(shape):
     # A grouped Conv2D(6, 3, groups=2) on 4 channels holds (3, 3, 2, 6):
     # 6 filters of cin_per_group = 2 channels, like any regular kernel.
     kernel = np.arange(math.prod(shape), dtype="float32").reshape(shape)
-    layout = numpy(strategies.filter_layout(tensor(kernel)))
+    layout = numpy(layouts.REGULAR_KERNEL.filters(tensor(kernel)))
     spatial = math.prod(shape[:-2])
     assert layout.shape == (spatial, shape[-2], shape[-1])
     for o in range(shape[-1]):
@@ -564,12 +568,15 @@ def test_filter_layout_regular_and_grouped(shape):
         ((3, 1, 1, 8, 4), False, False),
     ],
 )
-def test_uses_filter_crossover(shape, paper, reference):
-    assert strategies.uses_filter_crossover(shape, "paper") is paper
-    assert strategies.uses_filter_crossover(shape, "reference") is reference
+def test_which_kernels_take_whole_filter_crossover(shape, paper, reference):
+    for mode, expected in (("paper", paper), ("reference", reference)):
+        rule = crossovers.get(mode).rule(layouts.REGULAR_KERNEL, shape)
+        assert (rule is crossovers.WHOLE_FILTER) is expected
+        assert rule.name == ("filter" if expected else f"element ({mode})")
+    assert crossovers.get("paper").rule(layouts.GAMMA, (4,)) is crossovers.ENTRY
 
 
-# ========================================================== evolve_group
+# ============================================ one step on bare variables
 
 
 def bn_items():
@@ -577,15 +584,22 @@ def bn_items():
     return [tensor([1.0, 0.0625, 0.5, 0.03125]), tensor([0.75, 0.625, 0.875, 0.5])]
 
 
-def run_entry_group(items, ratio, counter, limit):
-    """`evolve_group` over BatchNorm vectors; unchanged items read back as given."""
-    new, counter, evolved, changed, skipped = evolve_group(
-        items, ["entry"] * len(items), ratio, counter, 0.1, limit)
-    new = [numpy(old if n is None else n) for n, old in zip(new, items)]
-    return new, counter, evolved, changed, skipped
+def run_entry_group(values, ratio, counter):
+    """One step over BatchNorm gammas `values`, next to a conv kernel that
+    a zero conv ratio leaves alone (a step needs one); eager, as it runs once."""
+    kernel = keras.Variable(np.ones((1, 1, 1, 2), "float32"))
+    gammas = [keras.Variable(numpy(v)) for v in values]
+    targets = [Target(kernel, layouts.REGULAR_KERNEL)] + [Target(g, layouts.GAMMA) for g in gammas]
+    options = EvolutionOptions(conv_ratio=0.0, gamma_ratio=ratio, schedule=constant_schedule)
+    report, state = Evolver(targets, options, run_eagerly=True)(
+        0, {"conv_counter": 0, "gamma_counter": counter, "beta_counter": 0})
+    assert report.conv_evolved == 0 and state["conv_counter"] == 0
+    skipped = [next(i for i, g in enumerate(gammas) if g.path == path) for path in report.skipped]
+    return ([numpy(g) for g in gammas], state["gamma_counter"], report.gamma_evolved,
+            report.changed_elements, skipped)
 
 
-def test_evolve_group_hand_numbers():
+def test_entry_step_hand_numbers():
     # The NaN vector is skipped and left out of the pool, so N = 8 and
     # r = .25 -> position 2 of [1/32, 1/16, 1/2, 1/2, 5/8, 3/4, 7/8, 1] -> t = 1/2.
     # B first: g = 4 = n, skipped, counter untouched (5).
@@ -594,17 +608,18 @@ def test_evolve_group_hand_numbers():
     #    1/17 * 1/16 + 16/17 * 1 = 16.0625/17; 1/17 * 1/32 + 16/17 * 1/2 = 8.03125/17
     a, b = bn_items()
     bad = tensor([0.5, np.nan, 0.0, 2.0])
-    new, counter, evolved, changed, skipped = run_entry_group([b, a, bad], 0.25, 5, 3)
+    with pytest.warns(RuntimeWarning, match="skipped variables holding NaN or inf"):
+        new, counter, evolved, changed, skipped = run_entry_group([b, a, bad], 0.25, 5)
     np.testing.assert_array_equal(new[0], numpy(b))
     np.testing.assert_allclose(new[1], [1.0, 16.0625 / 17, 0.5, 8.03125 / 17], rtol=1e-6)
     np.testing.assert_array_equal(new[2], numpy(bad))
     assert (counter, evolved, changed, list(skipped)) == (0, 2, 2, [2])
 
 
-def test_evolve_group_zero_ratio_evolves_nothing():
+def test_entry_step_zero_ratio_evolves_nothing():
     # r = 0: t = min score, every item is globally important: no change, counter untouched.
     a, b = bn_items()
-    new, counter, evolved, changed, skipped = run_entry_group([a, b], 0.0, 2, 3)
+    new, counter, evolved, changed, skipped = run_entry_group([a, b], 0.0, 2)
     for got, old in zip(new, (a, b)):
         np.testing.assert_array_equal(got, numpy(old))
     assert (counter, evolved, changed, list(skipped)) == (2, 0, 0, [])
@@ -850,7 +865,7 @@ def test_starvation_limit_is_ceiling(kernels, divisor, limit):
     layers = [
         built(keras.layers.Conv1D(1, 1, use_bias=False), (None, 2, 1)) for _ in range(kernels)
     ]
-    evolver = Evolver(stack(layers), EvolutionOptions(force_divisor=divisor))
+    evolver = evolver_for(stack(layers), EvolutionOptions(force_divisor=divisor))
     assert evolver.kernel_count == kernels
     assert evolver.starvation_limit == limit
 

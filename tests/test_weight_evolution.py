@@ -269,15 +269,15 @@ def test_nested_model_and_separable_layers_are_found():
     x = keras.layers.Reshape((8, 8, 4))(x)
     outputs = inner(x)
     model = keras.Model(inputs, outputs)
-    from keras_we.evolution import find_targets
+    from keras_we import layouts
+    from keras_we.layers import find_targets
 
-    paths = [(t.path, t.group, t.depthwise) for t in find_targets(model)]
-    assert [p[1:] for p in paths] == [
-        ("conv", False),  # Conv1D
-        ("conv", True),  # separable: depthwise kernel first
-        ("conv", False),  # then pointwise
-        ("gamma", False),
-        ("beta", False),
+    assert [t.layout for t in find_targets(model)] == [
+        layouts.REGULAR_KERNEL,  # Conv1D
+        layouts.DEPTHWISE_KERNEL,  # separable: depthwise kernel first
+        layouts.REGULAR_KERNEL,  # then pointwise
+        layouts.GAMMA,
+        layouts.BETA,
     ]
     separable = inner.layers[0]
     depthwise = keras.ops.convert_to_numpy(separable.depthwise_kernel).copy()

@@ -1,4 +1,4 @@
-"""The `keras-we` command (also `python -m keras_we`).
+"""The `keras-we` command (also `python -m keras_we`), over `keras_we.experiments.runner`.
 
     keras-we compare --preset cpu --out DIR      # the default preset; 2 CPU cores
     keras-we compare --preset smoke --out DIR    # a check of a few minutes
@@ -18,7 +18,7 @@ import textwrap
 
 import keras
 
-from keras_we import experiments
+from keras_we.experiments import runner
 
 
 def _int_list(text):
@@ -56,26 +56,26 @@ def _size(text):
 
 
 def _presets_epilog():
-    lines = [f"presets (--preset; default {experiments.DEFAULT_PRESET}; explicit options override them):"]
-    for name in experiments.PRESETS:
-        lines.append(textwrap.fill(experiments.PRESET_HELP[name], width=79, initial_indent=f"  {name:<7}",
+    lines = [f"presets (--preset; default {runner.DEFAULT_PRESET}; explicit options override them):"]
+    for name in runner.PRESETS:
+        lines.append(textwrap.fill(runner.PRESET_HELP[name], width=79, initial_indent=f"  {name:<7}",
                                    subsequent_indent=" " * 9))
     return "\n".join(lines)
 
 
 def build_parser():
-    from keras_we import models
+    from keras_we.experiments import models
 
     parser = argparse.ArgumentParser(prog="keras-we", description="Weight Evolution experiments.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def common(sub):
-        sub.add_argument("--preset", choices=tuple(experiments.PRESETS), default=experiments.DEFAULT_PRESET,
-                         help=f"the setting to start from (default: {experiments.DEFAULT_PRESET}, "
+        sub.add_argument("--preset", choices=tuple(runner.PRESETS), default=runner.DEFAULT_PRESET,
+                         help=f"the setting to start from (default: {runner.DEFAULT_PRESET}, "
                               "for a CPU; see the presets below); explicit options override it")
         sub.add_argument("--model", help=f"one of {', '.join(models.names())}, or a keras.applications name "
                          "(default: the preset's)")
-        sub.add_argument("--dataset", choices=tuple(experiments.DATASETS))
+        sub.add_argument("--dataset", choices=tuple(runner.DATASETS))
         sub.add_argument("--epochs", type=_positive)
         sub.add_argument("--train-size", type=_size, help="stratified training subset, or 'all'")
         sub.add_argument("--test-size", type=_size, help="stratified test subset, or 'all'")
@@ -91,19 +91,19 @@ def build_parser():
                     formatter_class=argparse.RawDescriptionHelpFormatter)
 
     train = commands.add_parser(
-        "train", help=f"train one run (default preset: {experiments.DEFAULT_PRESET})",
+        "train", help=f"train one run (default preset: {runner.DEFAULT_PRESET})",
         **described("Train one model with one method and one seed: the preset's first model, "
                     "dataset, subset sizes, epochs and batch size unless given."))
     common(train)
-    train.add_argument("--method", choices=tuple(experiments.METHODS), default="we-paper")
+    train.add_argument("--method", choices=runner.methods(), default="we-paper")
     train.add_argument("--seed", type=int, default=0)
 
     compare = commands.add_parser(
-        "compare", help=f"paired runs of several methods and seeds (default preset: {experiments.DEFAULT_PRESET})",
+        "compare", help=f"paired runs of several methods and seeds (default preset: {runner.DEFAULT_PRESET})",
         **described("Train every method for every seed (paired: one seed, one initialization and "
                     "data order), then write summary.json, table.md, table.csv and plots."))
     common(compare)
-    compare.add_argument("--methods", type=_choices_list(tuple(experiments.METHODS)),
+    compare.add_argument("--methods", type=_choices_list(runner.methods()),
                          help="comma-separated (default: the preset's)")
     compare.add_argument("--seeds", type=_int_list, help="comma-separated (default: the preset's)")
 
@@ -120,7 +120,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.command == "export":
         return _export(args)
-    settings = dict(experiments.PRESETS[args.preset])
+    settings = dict(runner.PRESETS[args.preset])
     models = settings.pop("models")
     if args.model:
         models = (args.model,)
@@ -133,16 +133,16 @@ def main(argv=None):
         settings.update(methods=(args.method,), seeds=(args.seed,))
     verbose = 0 if args.quiet else 1
     try:
-        plans = {model: experiments.plan(model=model, data_dir=args.data_dir, **settings) for model in models}
+        plans = {model: runner.plan(model=model, data_dir=args.data_dir, **settings) for model in models}
         print(describe(args.command, args.preset, models, settings, args.out), flush=True)
         # Everything that could fail later fails now, before any training.
-        experiments.check_requirements(plots=args.command == "compare")
-        experiments.check_data(next(iter(plans.values()))[0])
+        runner.check_requirements(plots=args.command == "compare")
+        runner.check_data(next(iter(plans.values()))[0])
     except (ImportError, ValueError, TypeError, OSError) as error:
         print(f"keras-we: error: {error}", file=sys.stderr)
         return 2
     if args.command == "train":
-        record = experiments.train_run(plans[models[0]][0], args.out, verbose=verbose)
+        record = runner.train_run(plans[models[0]][0], args.out, verbose=verbose)
         print(f"final test top-1 {100 * record['final_test_accuracy']:.2f}%, "
               f"best {100 * record['best_test_accuracy']:.2f}% -> {args.out}")
         return 0
@@ -150,15 +150,15 @@ def main(argv=None):
     for model, configs in plans.items():
         out = args.out if len(plans) == 1 else os.path.join(args.out, model)
         # The table is printed before plotting, so a failing plot loses nothing.
-        summary = experiments.compare(configs, out, verbose=verbose, plots=False)
+        summary = runner.compare(configs, out, verbose=verbose, plots=False)
         failed += summary["failed"]
         print(f"\n{model} on {settings['dataset']}, {settings['epochs']} epochs "
               f"({len(summary['runs'])} of {len(configs)} runs finished; tables in {out}):")
         if not summary["runs"]:
             continue
-        print(experiments.format_table(summary["table"]), flush=True)
+        print(runner.format_table(summary["table"]), flush=True)
         try:
-            experiments.plot_runs(summary["runs"], out)
+            runner.plot_runs(summary["runs"], out)
         except Exception as error:
             print(f"keras-we: error: plotting into {out} failed: {type(error).__name__}: {error}",
                   file=sys.stderr)

@@ -17,6 +17,7 @@ batches. This is what makes paired comparisons of training methods fair.
 
 import math
 import os
+import warnings
 
 import keras
 import numpy as np
@@ -416,23 +417,42 @@ class CifarSequence(keras.utils.PyDataset):
     same seed train on identical data, and runs with different seeds on
     different data.
 
-    `epoch` starts at `initial_epoch`, and `on_epoch_end()` adds one to it
-    at the end of every epoch in which all batches were served, which
-    follows the epoch index of `fit()` on every backend. To resume a run
-    (`fit(initial_epoch=k)`, `keras.callbacks.BackupAndRestore`), pass
-    `SyncEpoch(sequence)` to `fit()` as a callback, or create the
-    sequence with `initial_epoch=k`.
+    The epoch. `sequence.epoch` (0 at first) is the epoch whose batches
+    the sequence serves. The sequence never changes it itself; it is set
+
+    - in `fit()`, the callback `SyncEpoch(sequence)`: as each epoch of
+      `fit()` begins, it sets `epoch` to `fit()`'s epoch index, the one
+      Keras passes to callbacks. That index is also right when `fit()`
+      resumes a run (`fit(initial_epoch=k)`, or
+      `keras.callbacks.BackupAndRestore`, which sets it from its backup),
+      so epoch `e` of a resumed run trains on the same batches as epoch
+      `e` of an uninterrupted one;
+    - in a training loop of your own, you: `sequence.epoch = e` before
+      asking for the batches of epoch `e`.
+
+    Without either, every epoch gets the batches of `sequence.epoch`: the
+    same order and the same crops and flips every epoch. When `fit()`
+    iterates a shuffled or augmented sequence for which no `SyncEpoch` was
+    created, the sequence warns once.
 
     For runs that must see identical data:
 
     - Pass `shuffle=False` to `fit()`. The sequence shuffles on its own;
       `fit()`'s default `shuffle=True` would also permute the order of the
       batches with Python's global `random` module.
-    - Keep the default `workers=1`. With prefetching workers, Keras
-      carries the batches prefetched while it builds the model (JAX,
-      torch) over into the first epoch, and how many depends on timing.
-      One thread makes over 100,000 augmented images per second, see
+    - Keep the default `workers=1` and `use_multiprocessing=False`. Then,
+      on every backend, Keras asks for the batches of an epoch only after
+      the callbacks' `on_epoch_begin` has run (TensorFlow's `tf.data`
+      prefetching starts with the epoch's first batch), so `SyncEpoch`
+      always comes first; `tests/test_data.py` checks this against a
+      hand-written loop. With more workers, Keras's enqueuer (JAX, torch)
+      keeps what it prefetched in one pass (the one that builds the model,
+      then each epoch) and serves it at the start of the next epoch, so
+      the epochs no longer get exactly their own batches. One thread makes
+      over 100,000 augmented images per second, see
       `benchmarks/input_pipeline.py`.
+    - Leave `fit()`'s `steps_per_epoch` unset (or `len(sequence)`), so
+      that an epoch of `fit()` is one pass over the sequence.
 
     Args:
         x: uint8 images, shape `(n, height, width, channels)`.
@@ -445,8 +465,6 @@ class CifarSequence(keras.utils.PyDataset):
         shuffle: Whether to draw a new order of the images every epoch.
             Defaults to `False`.
         seed: Non-negative integer. Defaults to `0`.
-        initial_epoch: Non-negative integer, epoch of the first batch.
-            Defaults to `0`.
         mean: Per-channel means for `normalize()`.
             Defaults to `CIFAR_MEAN`.
         std: Per-channel standard deviations for `normalize()`.
@@ -457,7 +475,7 @@ class CifarSequence(keras.utils.PyDataset):
     Example:
 
     ```python
-    (x_train, y_train), (x_test, y_test) = keras_we.data.load_cifar()
+    (x_train, y_train), (x_test, y_test) = keras_we.experiments.data.load_cifar()
     train = CifarSequence(x_train, y_train, augment=True, shuffle=True, seed=1)
     test = CifarSequence(x_test, y_test, batch_size=500)
     model.fit(
@@ -482,11 +500,18 @@ class CifarSequence(keras.utils.PyDataset):
         augment=False,
         shuffle=False,
         seed=0,
-        initial_epoch=0,
         mean=CIFAR_MEAN,
         std=CIFAR_STD,
         **kwargs,
     ):
+        if "initial_epoch" in kwargs:
+            raise TypeError(
+                "CifarSequence no longer takes `initial_epoch`. In fit(), pass "
+                "SyncEpoch(sequence) as a callback: it sets `sequence.epoch` to "
+                "fit's epoch index, also when fit resumes a run "
+                "(fit(initial_epoch=k), keras.callbacks.BackupAndRestore). In "
+                "a loop of your own, set `sequence.epoch` yourself."
+            )
         super().__init__(**kwargs)
         x = np.asarray(x)
         y = np.asarray(y).reshape(-1)
@@ -503,32 +528,37 @@ class CifarSequence(keras.utils.PyDataset):
             )
         if len(x) == 0:
             raise ValueError("`x` must hold at least one image.")
-        for arg, value in (
-            ("batch_size", batch_size),
-            ("seed", seed),
-            ("initial_epoch", initial_epoch),
-        ):
+        for arg, value in (("batch_size", batch_size), ("seed", seed)):
             minimum = 1 if arg == "batch_size" else 0
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, np.integer))
-                or value < minimum
-            ):
-                raise ValueError(
-                    f"`{arg}` must be an integer >= {minimum}. "
-                    f"Received: {arg}={value!r}"
-                )
+            _check_integer(arg, value, minimum)
         self.x = x
         self.y = y.astype(np.int32)
         self.batch_size = int(batch_size)
         self.augment = bool(augment)
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
-        self.epoch = int(initial_epoch)
+        self.epoch = 0
         self._table = _normalization_table(mean, std, x.shape[-1])
         self._cached_order = (None, None)
-        self._began = False
-        self._served = set()
+        # Whether a `SyncEpoch` was created for this sequence, and whether
+        # the sequence has warned that none was.
+        self._synced = False
+        self._warned = False
+
+    @property
+    def epoch(self):
+        """The epoch whose batches the sequence serves (an integer >= 0).
+
+        Set by `SyncEpoch` in `fit()`, or by your own training loop; see
+        the class documentation.
+        """
+        return self._epoch
+
+    @epoch.setter
+    def epoch(self, value):
+        _check_integer("epoch", value, 0)
+        # One attribute, read once per batch: safe with `workers > 1`.
+        self._epoch = int(value)
 
     def __len__(self):
         return math.ceil(len(self.x) / self.batch_size)
@@ -539,7 +569,6 @@ class CifarSequence(keras.utils.PyDataset):
                 f"Batch index {index} out of range [0, {len(self)})."
             )
         epoch = self.epoch
-        self._served.add(index)
         start = index * self.batch_size
         stop = min(start + self.batch_size, len(self.x))
         if self.shuffle:
@@ -577,29 +606,50 @@ class CifarSequence(keras.utils.PyDataset):
         return order
 
     def on_epoch_begin(self):
-        self._began = True
+        """Called by `fit()` (and `evaluate()`, `predict()`) as they start a
+        pass over the sequence; leaves `epoch` as it is.
 
-    def on_epoch_end(self):
-        """Moves to the next epoch once every batch has been served.
-
-        `fit()` also calls this before its first epoch, and on JAX and
-        torch after reading one batch to build the model; neither counts.
+        Warns once if the sequence shuffles or augments and no `SyncEpoch`
+        was created for it: every epoch would then get the same batches.
         """
-        if self._began and len(self._served) == len(self):
-            self.epoch += 1
-            self._served = set()
-        self._began = False
+        if (self.shuffle or self.augment) and not self._synced and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"A CifarSequence with shuffle={self.shuffle}, augment="
+                f"{self.augment} is iterated without SyncEpoch: every epoch "
+                f"gets the batches of epoch {self.epoch} (the same order, "
+                "crops and flips). Pass callbacks=[SyncEpoch(sequence)] to "
+                "fit(), or set `sequence.epoch` yourself.",
+                stacklevel=2,
+            )
+
+
+def _check_integer(arg, value, minimum):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, np.integer))
+        or value < minimum
+    ):
+        raise ValueError(
+            f"`{arg}` must be an integer >= {minimum}. "
+            f"Received: {arg}={value!r}"
+        )
 
 
 class SyncEpoch(keras.callbacks.Callback):
     """Sets `sequence.epoch` to the epoch index of `fit()`.
 
-    Makes the batches of epoch `e` of `fit()` those of epoch `e` of the
-    `CifarSequence`, also when `fit()` resumes a run
-    (`fit(initial_epoch=k)` or `keras.callbacks.BackupAndRestore`).
+    As each epoch of `fit()` begins, before Keras asks for its first batch,
+    the sequence moves to `fit()`'s epoch index, the one Keras passes to
+    every callback's `on_epoch_begin`. So epoch `e` of `fit()` trains on
+    the batches of epoch `e` of the `CifarSequence`, also when `fit()`
+    resumes a run (`fit(initial_epoch=k)`, or
+    `keras.callbacks.BackupAndRestore`, which restarts at the epoch after
+    its last backup). Its place in the list of callbacks does not matter.
 
     Args:
-        sequence: The `CifarSequence` passed to `fit()`.
+        sequence: The `CifarSequence` passed to `fit()` (or any object
+            whose `epoch` attribute chooses the batches it serves).
 
     Example:
 
@@ -610,7 +660,14 @@ class SyncEpoch(keras.callbacks.Callback):
 
     def __init__(self, sequence):
         super().__init__()
+        if not hasattr(sequence, "epoch"):
+            raise TypeError(
+                "`sequence` must be a CifarSequence (or another object with "
+                f"an `epoch` attribute). Received: {type(sequence).__name__}"
+            )
         self.sequence = sequence
+        if isinstance(sequence, CifarSequence):
+            sequence._synced = True
 
     def on_epoch_begin(self, epoch, logs=None):
         self.sequence.epoch = epoch
@@ -647,7 +704,8 @@ def make_datasets(
         `(train, test)`: a shuffled, augmented `CifarSequence` of the
         training images, and an unshuffled, unaugmented one of the test
         images, e.g. for `model.fit(train, validation_data=test,
-        shuffle=False, callbacks=[SyncEpoch(train)])`.
+        shuffle=False, callbacks=[SyncEpoch(train)])` (see
+        `CifarSequence` for what `SyncEpoch` does).
     """
     (x_train, y_train), (x_test, y_test) = load_cifar(
         name,

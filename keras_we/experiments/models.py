@@ -30,10 +30,10 @@ Conventions shared by the bundled models, chosen to match PyTorch:
   BatchNorm scales at one.
 
 The models expect `"channels_last"` images. They use only built-in Keras
-layers plus the two layers defined here (`ZeroPadShortcut`,
-`ChannelShuffle`), which are registered for serialization, so a `.keras`
-file saved on one backend loads on any backend once `keras_we.models` has
-been imported.
+layers plus two of this package (`ZeroPadShortcut`, `ChannelShuffle`, defined
+in `keras_we.experiments.layers`), which are registered for serialization
+when `keras_we` is imported, so a `.keras` file saved on one backend loads on
+any backend after `import keras_we`.
 """
 
 import difflib
@@ -42,7 +42,9 @@ import numbers
 import keras
 from keras import initializers
 from keras import layers
-from keras import ops
+
+# Re-exported: they were defined here before `keras_we.experiments.layers`.
+from keras_we.experiments.layers import ChannelShuffle, ZeroPadShortcut  # noqa: F401
 
 # PyTorch's `BatchNorm2d(momentum=0.1, eps=1e-5)` in Keras terms.
 BN_MOMENTUM = 0.9
@@ -75,130 +77,6 @@ def _torch_default(depthwise=False):
         mode="fan_out" if depthwise else "fan_in",
         distribution="uniform",
     )
-
-
-@keras.saving.register_keras_serializable(package="keras_we")
-class ZeroPadShortcut(layers.Layer):
-    """Parameter-free "option A" shortcut of the CIFAR ResNets.
-
-    Subsamples the spatial grid with a step of `strides`
-    (`x[:, ::strides, ::strides, :]`) and zero-pads the channel axis
-    to `filters`, splitting the padding evenly between the front and the
-    back (the front gets the smaller half when it is odd).
-
-    Args:
-        filters: Integer, number of output channels. Must not be smaller
-            than the number of input channels.
-        strides: Integer, spatial subsampling step. Defaults to `2`.
-        **kwargs: Base layer keyword arguments, such as `name`.
-
-    Input shape:
-        4D tensor `(batch, height, width, channels)`.
-
-    Output shape:
-        4D tensor `(batch, ceil(height / strides), ceil(width / strides),
-        filters)`.
-    """
-
-    def __init__(self, filters, strides=2, **kwargs):
-        super().__init__(**kwargs)
-        if not isinstance(filters, int) or filters < 1:
-            raise ValueError(
-                "`filters` must be a positive integer. "
-                f"Received: filters={filters}"
-            )
-        if not isinstance(strides, int) or strides < 1:
-            raise ValueError(
-                "`strides` must be a positive integer. "
-                f"Received: strides={strides}"
-            )
-        self.filters = filters
-        self.strides = strides
-
-    def build(self, input_shape):
-        channels = input_shape[-1]
-        if channels is not None and channels > self.filters:
-            raise ValueError(
-                f"ZeroPadShortcut cannot reduce {channels} input channels "
-                f"to filters={self.filters}."
-            )
-
-    def call(self, inputs):
-        channels = inputs.shape[-1]
-        outputs = inputs[:, :: self.strides, :: self.strides, :]
-        front = (self.filters - channels) // 2
-        back = self.filters - channels - front
-        if front or back:
-            outputs = ops.pad(outputs, [[0, 0], [0, 0], [0, 0], [front, back]])
-        return outputs
-
-    def compute_output_shape(self, input_shape):
-        batch, height, width, _ = input_shape
-
-        def subsample(size):
-            return None if size is None else -(-size // self.strides)
-
-        return (batch, subsample(height), subsample(width), self.filters)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update({"filters": self.filters, "strides": self.strides})
-        return config
-
-
-@keras.saving.register_keras_serializable(package="keras_we")
-class ChannelShuffle(layers.Layer):
-    """Channel shuffle of ShuffleNet (Zhang et al., 2018).
-
-    Views the channels as a `(groups, channels // groups)` grid, transposes
-    it and flattens it back, so that the next grouped convolution sees
-    channels from every group: channel `g * n + i` moves to `i * groups + g`.
-
-    Args:
-        groups: Integer, number of groups. Must divide the number of
-            input channels.
-        **kwargs: Base layer keyword arguments, such as `name`.
-
-    Input shape:
-        4D tensor `(batch, height, width, channels)`.
-
-    Output shape:
-        Same as the input shape.
-    """
-
-    def __init__(self, groups, **kwargs):
-        super().__init__(**kwargs)
-        if not isinstance(groups, int) or groups < 1:
-            raise ValueError(
-                "`groups` must be a positive integer. "
-                f"Received: groups={groups}"
-            )
-        self.groups = groups
-
-    def build(self, input_shape):
-        channels = input_shape[-1]
-        if channels is None or channels % self.groups:
-            raise ValueError(
-                "ChannelShuffle needs a known number of channels divisible "
-                f"by groups={self.groups}. Received: input_shape={input_shape}"
-            )
-
-    def call(self, inputs):
-        _, height, width, channels = ops.shape(inputs)
-        per_group = inputs.shape[-1] // self.groups
-        outputs = ops.reshape(
-            inputs, (-1, height, width, self.groups, per_group)
-        )
-        outputs = ops.transpose(outputs, (0, 1, 2, 4, 3))
-        return ops.reshape(outputs, (-1, height, width, channels))
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def get_config(self):
-        config = super().get_config()
-        config.update({"groups": self.groups})
-        return config
 
 
 def _pad_for(x, kernel_size, strides, name):
@@ -716,7 +594,7 @@ def get(name, classes=10, input_shape=(32, 32, 3)):
     Example:
 
     ```python
-    model = keras_we.models.get("resnet20")
+    model = keras_we.experiments.models.get("resnet20")
     model.compile(
         optimizer=keras.optimizers.SGD(0.1, momentum=0.9, nesterov=True),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -744,7 +622,7 @@ def get(name, classes=10, input_shape=(32, 32, 3)):
     input_shape = tuple(int(dim) for dim in input_shape)
     if keras.config.image_data_format() != "channels_last":
         raise ValueError(
-            "keras_we.models builds channels-last models only. Received: "
+            "keras_we.experiments.models builds channels-last models only. Received: "
             f"keras.config.image_data_format()="
             f"{keras.config.image_data_format()!r}"
         )
@@ -779,7 +657,7 @@ def get(name, classes=10, input_shape=(32, 32, 3)):
         f"Unknown model: name={name!r}. Expected one of the bundled "
         f"models {names()} or the exact name of a keras.applications "
         "model (e.g. 'ResNet50', 'MobileNetV2', 'EfficientNetB0'; see "
-        "keras_we.models.application_names())."
+        "keras_we.experiments.models.application_names())."
     )
     close = difflib.get_close_matches(
         name.lower(), [n.lower() for n in names() + applications], n=1

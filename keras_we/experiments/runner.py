@@ -3,8 +3,8 @@
 `train_run` trains one model with one method and one seed under the paper's
 recipe and writes everything to a run folder; `compare` runs every method
 for every seed (resuming where an interrupted call stopped) and writes
-`summary.json`, a table and plots. The `keras-we` command is a thin layer
-over these functions.
+`summary.json`, a table and plots. The `keras-we` command
+(`keras_we.experiments.cli`) is a thin layer over these functions.
 
 Runs with the same seed share the initial weights, the data subset, the
 data order and the augmentations, so the difference between two methods at
@@ -25,13 +25,14 @@ import traceback
 
 import keras
 
-from keras_we import data as data_lib
-from keras_we import models
-from keras_we.recipe import Recipe
+from keras_we import crossovers
+from keras_we.experiments import data as data_lib
+from keras_we.experiments import models
+from keras_we.experiments.recipe import Recipe
 from keras_we.validation import check_choice, check_int
 from keras_we.weight_evolution import WeightEvolution
 
-METHODS = {"baseline": None, "we-paper": "paper", "we-reference": "reference"}
+BASELINE = "baseline"
 DATASETS = {"cifar10": 10, "cifar100": 100}
 RUN_FILE = "run.json"
 EVOLVED_KEYS = ("we_conv_evolved", "we_gamma_evolved", "we_beta_evolved")
@@ -141,7 +142,7 @@ class RunConfig:
                 f"keras.applications name; got {self.model!r}."
             )
         check_choice("dataset", self.dataset, tuple(DATASETS))
-        check_choice("method", self.method, tuple(METHODS))
+        check_choice("method", self.method, methods())
         check_int("seed", self.seed, minimum=0)
         check_int("epochs", self.epochs, minimum=1)
         check_int("batch_size", self.batch_size, minimum=1)
@@ -167,6 +168,24 @@ def load_data(config):
     )
 
 
+def methods():
+    """The methods a run can use: `baseline`, and `we-<mode>` for every
+    registered crossover mode (`keras_we.crossovers`)."""
+    return (BASELINE, *(f"we-{name}" for name in crossovers.names()))
+
+
+def method_callbacks(method, recipe=None, state_dir=None):
+    """The callbacks that make `method` what it is, under `recipe` (the
+    schedule of its ratios; default `Recipe()`), keeping their state in
+    `state_dir` (see `WeightEvolution`'s `backup_dir`)."""
+    check_choice("method", method, methods())
+    if method == BASELINE:
+        return []
+    recipe = Recipe() if recipe is None else recipe
+    return [WeightEvolution(crossover=method.removeprefix("we-"),
+                            schedule=recipe.we_schedule(), backup_dir=state_dir)]
+
+
 def check_data(config):
     """Fails early, with the data module's message, if the data is missing
     or the subset sizes are out of range."""
@@ -190,10 +209,8 @@ def train_run(config, out_dir, verbose=1):
     os.makedirs(out_dir, exist_ok=True)
     recipe = config.recipe()
     (x_train, y_train), (x_test, y_test) = load_data(config)
-    backup_dir = os.path.join(out_dir, "backup")
     train = data_lib.CifarSequence(
-        x_train, y_train, batch_size=recipe.batch_size, augment=True, shuffle=True,
-        seed=config.seed, initial_epoch=_resumed_epoch(backup_dir),
+        x_train, y_train, batch_size=recipe.batch_size, augment=True, shuffle=True, seed=config.seed,
     )
     test = data_lib.CifarSequence(x_test, y_test, batch_size=500, augment=False, shuffle=False)
 
@@ -204,20 +221,15 @@ def train_run(config, out_dir, verbose=1):
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
-    callbacks = []
-    crossover = METHODS[config.method]
-    if crossover is not None:
-        callbacks.append(
-            WeightEvolution(
-                crossover=crossover,
-                schedule=recipe.we_schedule(),
-                backup_dir=os.path.join(out_dir, "we_state"),
-            )
-        )
+    callbacks = method_callbacks(config.method, recipe, os.path.join(out_dir, "we_state"))
     callbacks += recipe.callbacks()
     callbacks += [
+        # The batches of epoch e are those of (seed, e), e being fit's epoch
+        # index, which BackupAndRestore sets when it resumes a run: the
+        # resumed run stays paired with the others.
+        data_lib.SyncEpoch(train),
         # After WeightEvolution, so the backup holds the evolved weights.
-        keras.callbacks.BackupAndRestore(backup_dir),
+        keras.callbacks.BackupAndRestore(os.path.join(out_dir, "backup")),
         keras.callbacks.CSVLogger(os.path.join(out_dir, "history.csv"), append=True),
     ]
     start = time.perf_counter()
@@ -244,16 +256,6 @@ def train_run(config, out_dir, verbose=1):
     os.replace(finished + ".tmp", finished)
     shutil.rmtree(os.path.join(out_dir, "we_state"), ignore_errors=True)
     return record
-
-
-def _resumed_epoch(backup_dir):
-    # BackupAndRestore resumes at the epoch its metadata names; the data
-    # order must resume there too, so the run stays paired with the others.
-    path = os.path.join(backup_dir, "training_metadata.json")
-    if not os.path.exists(path):
-        return 0
-    with open(path) as f:
-        return int(json.load(f)["epoch"])
 
 
 def read_history(path):
