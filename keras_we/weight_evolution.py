@@ -82,7 +82,8 @@ class WeightEvolution(keras.callbacks.Callback):
             layer's best are locally weak, in [0, 1]. Defaults to 0.1.
         force_divisor: a starved layer is forced to evolve one item after
             `K / force_divisor` consecutive starved layers; > 0. Defaults to 2.
-        schedule: callable `epoch -> multiplier` of the three ratios. Defaults
+        schedule: a `keras_we.Schedule` (`ratio(base, epoch)`) or a callable
+            `epoch -> multiplier` of the three ratios. Defaults
             to `None`, the paper's CIFAR `PaperSchedule()`; for short runs use
             `PaperSchedule().scaled(epochs)`. Each ratio times the multiplier
             must lie in [0, 1] at every epoch: `fit` checks all its epochs
@@ -91,8 +92,10 @@ class WeightEvolution(keras.callbacks.Callback):
         crossover: `"paper"` (the paper's Fig. 1: the weakest element moves
             towards the dominant filter's strongest) or `"reference"` (what
             the public code computes, with which the paper's results were
-            obtained). Defaults to `"reference"`: in paired CPU runs it ended
-            at least as accurate as `"paper"` at every seed (README).
+            obtained), or the name of a mode registered with
+            `keras_we.register_crossover`, or a `keras_we.Crossover`.
+            Defaults to `"reference"`: in paired CPU runs it ended at least
+            as accurate as `"paper"` at every seed (README).
         frequency: evolve every `frequency` epochs, counted from
             `start_epoch`. Defaults to 1.
         start_epoch: first 0-based epoch after which to evolve. Defaults to 0.

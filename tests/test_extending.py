@@ -133,3 +133,30 @@ def test_register_layer_checks_its_arguments():
         keras_we.register_layer(keras.layers.Conv2DTranspose, None)
     with pytest.raises(TypeError, match="`crossover`"):
         keras_we.register_crossover("midpoint")
+
+
+def test_a_schedule_of_ones_own():
+    """Any `keras_we.Schedule` subclass: `ratio(base, epoch)` and `get_config`;
+    equal configs make equal options (so an evolver is reused)."""
+
+    class Halving(keras_we.Schedule):
+        def __init__(self, every):
+            self.every = every
+
+        def ratio(self, base_ratio, epoch):
+            return base_ratio * 0.5 ** (epoch // self.every)
+
+        def get_config(self):
+            return {"every": self.every}
+
+    options = EvolutionOptions(conv_ratio=0.4, schedule=Halving(2))
+    assert options.ratios(3) == {"conv": 0.2, "gamma": 0.025, "beta": 0.025}
+    assert options == EvolutionOptions(conv_ratio=0.4, schedule=Halving(2))
+    assert options != EvolutionOptions(conv_ratio=0.4, schedule=Halving(3))
+    assert Halving.from_config(Halving(2).get_config()) == Halving(2)
+    assert repr(Halving(2)) == "Halving(every=2)"
+    # A plain callable is a multiplier, wrapped once.
+    wrapped = EvolutionOptions(schedule=lambda epoch: 2.0).schedule
+    assert isinstance(wrapped, keras_we.MultiplierSchedule) and wrapped.ratio(0.1, 7) == 0.2
+    with pytest.raises(TypeError, match="`schedule` must be None"):
+        EvolutionOptions(schedule=0.5)
