@@ -178,11 +178,14 @@ class Evolver:
         self.plan = Plan(self.targets, options.crossover)
         variables = [self.targets[i].variable for i in self.plan.order]
         local_ratio = options.local_ratio
+        # Plain tuples cross the compiled boundary: `tf.function` handles a
+        # namedtuple argument or result more slowly.
         self._measure = variable_function(
-            lambda values, positions: steps.measure(self.plan, values, positions, local_ratio),
+            lambda values, positions: tuple(steps.measure(self.plan, values, positions, local_ratio)),
             variables, run_eagerly=run_eagerly)
         self._crossover = variable_function(
-            lambda values, measurement, counts: steps.crossover(self.plan, measurement, counts),
+            lambda values, measured, counts: steps.crossover(
+                self.plan, steps.Measurement(*measured), counts),
             variables, writes=True, run_eagerly=run_eagerly)
 
     def fits(self, options, targets):
@@ -201,7 +204,8 @@ class Evolver:
 
         plan, local_ratio = self.plan, self.options.local_ratio
         group_ratios = [ratios[g] for g in plan.groups]
-        measurement = self._measure(ops.convert_to_tensor(plan.positions(group_ratios), "int32"))
+        measurement = steps.Measurement(
+            *self._measure(ops.convert_to_tensor(plan.positions(group_ratios), "int32")))
         inferior = steps.inferior_counts(
             plan, measurement, group_ratios, [state[f"{g}_counter"] for g in plan.groups],
             self.starvation_limit,
@@ -213,7 +217,7 @@ class Evolver:
             setattr(report, f"{g}_evolved", int(pairs[tensors].sum()))
         report.skipped = [self.targets[plan.order[t]].path for t in inferior.skipped]
         if pairs.any():
-            changed = self._crossover(measurement, ops.convert_to_tensor(inferior.counts),
+            changed = self._crossover(tuple(measurement), ops.convert_to_tensor(inferior.counts),
                                       write=(pairs > 0).tolist())
             report.changed_elements = int(ops.convert_to_numpy(changed)[pairs > 0].sum())
         if report.skipped:
