@@ -26,6 +26,8 @@ import math
 import numpy as np
 from keras import ops
 
+from keras_we.backend_utils import segment_sum
+
 GROUPS = ("conv", "gamma", "beta")
 
 
@@ -75,7 +77,7 @@ class Layout:
         """Per item, the sum of its columns' `column_sums` (one per column).
         This default gathers by `column_items`; a regular layout reshapes."""
         ids = ops.convert_to_tensor(self.column_items(shape), "int32")
-        return ops.segment_sum(column_sums, ids, num_segments=self.items(shape))
+        return segment_sum(column_sums, ids, self.items(shape))
 
     def filters(self, value):
         """`value` in filter layout `(S, C, O)`: `O` items of `C` channels, for

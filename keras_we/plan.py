@@ -44,9 +44,9 @@ class Bucket:
         if self.rows == 1:  # vectors need no reshape: concatenate, then add the row
             flat = [values[t] if len(values[t].shape) == 1 else ops.reshape(values[t], (-1,))
                     for t in self.tensors]
-            columns = ops.expand_dims(_concatenate(flat, 0), 0)
+            columns = ops.expand_dims(concatenate(flat, 0), 0)
         else:
-            columns = _concatenate([ops.reshape(values[t], (self.rows, -1)) for t in self.tensors], 1)
+            columns = concatenate([ops.reshape(values[t], (self.rows, -1)) for t in self.tensors], 1)
         return columns if dtype == self.dtype else ops.cast(columns, dtype)
 
     def split(self, columns, shapes):
@@ -63,7 +63,7 @@ class Bucket:
         return [values[..., start:end] for start, end in zip([0, *ends[:-1]], ends)]
 
 
-def _concatenate(tensors, axis):
+def concatenate(tensors, axis):
     return ops.concatenate(tensors, axis=axis) if len(tensors) > 1 else tensors[0]
 
 

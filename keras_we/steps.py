@@ -16,6 +16,7 @@ from keras import ops
 
 from keras_we import strategies
 from keras_we.backend_utils import segment_min, segment_sum, static_shapes
+from keras_we.plan import concatenate
 
 
 class Measurement(NamedTuple):
@@ -92,7 +93,7 @@ def item_norms(plan, column_sums):
     for bucket, sums in zip(plan.buckets, column_sums):
         for t, part in zip(bucket.tensors, bucket.split_flat(sums)):
             norms[t] = plan.layouts[t].item_sums(part, plan.shapes[t])
-    return ops.concatenate(norms, 0) if len(norms) > 1 else norms[0]
+    return concatenate(norms, 0)
 
 
 def scores(plan, norms, finite):
