@@ -2,7 +2,7 @@
 
 import importlib
 
-from keras_we import layouts
+from keras_we import layouts, peers
 from keras_we.crossovers import Crossover, register_crossover
 from keras_we.evolution import EvolutionReport, evolve
 from keras_we.export import export_for_serving
@@ -32,6 +32,7 @@ __all__ = [
     "register_crossover",
     "register_layer",
     "layouts",
+    "peers",
     "evolve",
     "EvolutionReport",
     "export_for_serving",

@@ -74,7 +74,7 @@ def find_targets(model):
     ranked nor rewritten. Raises `ValueError` for an unbuilt layer.
     """
     targets = []
-    for layer in [model, *_walk(model)]:
+    for layer in walk_layers(model):
         evolvable = evolvable_of(layer)
         if evolvable is None:
             continue
@@ -87,6 +87,12 @@ def find_targets(model):
         targets += [Target(v, layout) for v, layout in evolvable(layer) if v is not None]
     trainable = {id(variable) for variable in model.trainable_variables}
     return [target for target in targets if id(target.variable) in trainable]
+
+
+def walk_layers(model):
+    """`model` and all its layers, nested ones included, depth-first in
+    the order they were tracked, each once."""
+    return [model, *_walk(model)]
 
 
 def _walk(layer, seen=None):
@@ -130,3 +136,70 @@ for _class in (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D):
 for _class in (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D):
     register_layer(_class, _separable)
 register_layer(keras.layers.BatchNormalization, _batch_norm)
+
+
+# ------------------------------------------------------ conv -> BatchNorm
+
+
+def batch_norm_after(model):
+    """The BatchNormalization layer that normalizes each conv layer's output.
+
+    Returns `{conv layer: BatchNormalization layer}` for the built layers
+    with a registered conv kernel (trainable or not; BatchNorm layers
+    themselves left out) whose output a BatchNorm normalizes; a conv layer
+    with no such BatchNorm is not in the dict. Each BatchNorm belongs to at
+    most one conv layer, and its channel count (the length of its moving
+    mean) equals the conv layer's output channels.
+
+    - A conv layer in a functional graph (a functional or `Sequential`
+      model, nested ones included: the layer has inbound nodes) takes the
+      BatchNorm whose input is the conv's output tensor (its
+      `_keras_history`), and none if no BatchNorm reads it directly (a
+      pre-activation block, where the BatchNorm comes before the conv).
+    - A conv layer in no graph (inside a subclassed model or layer) takes
+      the next BatchNorm in traversal order (`walk_layers`, the order the
+      layers were tracked) before the next conv layer, if its channel
+      count matches and no other conv layer took it.
+    """
+    layers = [layer for layer in walk_layers(model) if layer.built]
+    convs = {id(layer): layer for layer in layers if _conv_channels(layer)}
+    norms = [layer for layer in layers if isinstance(layer, keras.layers.BatchNormalization)]
+    found, taken = {}, set()
+
+    def pair(conv, norm):
+        if (conv not in found and id(norm) not in taken
+                and _conv_channels(conv) == norm.moving_mean.shape[-1]):
+            found[conv] = norm
+            taken.add(id(norm))
+
+    for norm in norms:
+        for node in getattr(norm, "_inbound_nodes", []):
+            for tensor in node.input_tensors:
+                history = getattr(tensor, "_keras_history", None)
+                producer = getattr(history, "operation", None)
+                if producer is not None and id(producer) in convs:
+                    pair(producer, norm)
+
+    for i, layer in enumerate(layers):
+        if id(layer) not in convs or getattr(layer, "_inbound_nodes", None):
+            continue
+        for later in layers[i + 1:]:
+            if id(later) in convs:
+                break
+            if isinstance(later, keras.layers.BatchNormalization) and id(later) not in taken:
+                pair(layer, later)
+                break
+    return found
+
+
+def _conv_channels(layer):
+    """The output channels of a layer with a registered conv kernel (the
+    items of its last kernel), else 0."""
+    evolvable = evolvable_of(layer)
+    if evolvable is None or not layer.built:
+        return 0
+    kernels = [(v, layout) for v, layout in evolvable(layer) if v is not None and layout.is_kernel]
+    if not kernels:
+        return 0
+    variable, layout = kernels[-1]
+    return layout.items(tuple(variable.shape))

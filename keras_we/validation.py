@@ -33,6 +33,13 @@ def check_int(name, value, minimum):
     return int(value)
 
 
+def check_bool(name, value):
+    """Returns `value` after checking it is True or False."""
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be True or False; got {value!r}.")
+    return value
+
+
 def check_choice(name, value, choices):
     """Returns `value` after checking it is one of `choices`."""
     if not isinstance(value, str) or value not in choices:

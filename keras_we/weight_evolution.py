@@ -1,10 +1,6 @@
 """The `WeightEvolution` Keras callback."""
 
-import json
-import os
-
-import keras
-
+from keras_we.after_epoch import AfterEpochCallback
 from keras_we.evolution import (
     EvolutionOptions,
     EvolutionReport,
@@ -12,13 +8,12 @@ from keras_we.evolution import (
     evolver_for,
     initial_state,
 )
-from keras_we.validation import check_int
+from keras_we.validation import check_bool
 
 STATE_FILE = "weight_evolution_state.json"
-KEPT_STATES = 3
 
 
-class WeightEvolution(keras.callbacks.Callback):
+class WeightEvolution(AfterEpochCallback):
     """Evolves inferior conv filters and BatchNorm entries after each epoch.
 
     Weight Evolution (Lin et al., ACM MM 2021) keeps every filter of a
@@ -114,6 +109,8 @@ class WeightEvolution(keras.callbacks.Callback):
         verbose: 1 prints one line per evolution. Defaults to 0.
     """
 
+    state_file = STATE_FILE
+
     def __init__(
         self,
         conv_ratio=0.2,
@@ -129,7 +126,13 @@ class WeightEvolution(keras.callbacks.Callback):
         backup_dir=None,
         verbose=0,
     ):
-        super().__init__()
+        super().__init__(
+            frequency=frequency,
+            start_epoch=start_epoch,
+            act_after_last_epoch=check_bool("evolve_last_epoch", evolve_last_epoch),
+            backup_dir=backup_dir,
+            verbose=verbose,
+        )
         self.options = EvolutionOptions(
             conv_ratio=conv_ratio,
             gamma_ratio=gamma_ratio,
@@ -139,26 +142,11 @@ class WeightEvolution(keras.callbacks.Callback):
             schedule=schedule,
             crossover=crossover,
         )
-        self.frequency = check_int("frequency", frequency, minimum=1)
-        self.start_epoch = check_int("start_epoch", start_epoch, minimum=0)
-        if not isinstance(evolve_last_epoch, bool):
-            raise TypeError(
-                f"`evolve_last_epoch` must be True or False; got {evolve_last_epoch!r}."
-            )
-        self.evolve_last_epoch = evolve_last_epoch
-        if backup_dir is not None and not isinstance(backup_dir, (str, os.PathLike)):
-            raise TypeError(
-                f"`backup_dir` must be None or a folder path; got {backup_dir!r}."
-            )
-        self.backup_dir = None if backup_dir is None else os.fspath(backup_dir)
-        self.verbose = check_int("verbose", verbose, minimum=0)
         self._state = initial_state()
-        self._saved_states = {}
-        self._first_epoch = True
-        self._last_ended = None  # the last epoch that ended in this `fit`
-        self._report = None  # what the evolution before the current epoch did
 
-    # ------------------------------------------------------------ state
+    @property
+    def evolve_last_epoch(self):
+        return self.act_after_last_epoch
 
     def get_state(self):
         """The starvation counters carried across epochs, as a JSON-able dict."""
@@ -168,82 +156,20 @@ class WeightEvolution(keras.callbacks.Callback):
         """Restores counters saved by `get_state`."""
         self._state = check_state(state)
 
-    # ------------------------------------------------------------ protocol
-    #
-    # The evolution after epoch `e` runs when epoch `e + 1` begins, so it
-    # runs only if another epoch follows: not after the last epoch, nor
-    # after one that `EarlyStopping`, `TerminateOnNaN` or an exception
-    # ended, whatever the order of the callbacks. Every callback that saves
-    # or restores weights at the end of epoch `e` (`BackupAndRestore`,
-    # `ModelCheckpoint`, `EarlyStopping(restore_best_weights=True)`) sees the
-    # weights that were trained and validated, and a run resumed at epoch
-    # `e + 1` applies the same evolution again before training.
-
     def on_train_begin(self, logs=None):
         epochs = (self.params or {}).get("epochs")
         if epochs:
             for epoch in range(epochs):  # a schedule out of [0, 1] fails now, not later
                 self.options.ratios(epoch)
-        self._first_epoch = True
-        self._last_ended = None
-        if self.backup_dir is not None:
-            self._saved_states = self._read_backup()
+        super().on_train_begin(logs)
 
-    def on_epoch_begin(self, epoch, logs=None):
-        if self._first_epoch:
-            self._first_epoch = False
-            # A run that starts past epoch 0 (resumed by BackupAndRestore,
-            # or continued with `initial_epoch`) holds the weights trained
-            # up to `epoch - 1`, not yet evolved: take the counters saved
-            # then.
-            if epoch > 0 and (epoch - 1) in self._saved_states:
-                self.set_state(self._saved_states[epoch - 1])
-        # Keras begins epoch `e` only when epoch `e - 1` ended (or `e` is
-        # where this `fit` starts), so the evolution after `e - 1` is due.
-        due = epoch > 0 and self._scheduled(epoch - 1)
-        self._report = self._evolve(epoch - 1) if due else None
+    def act(self, epoch):
+        """Evolves the model after `epoch` (see `AfterEpochCallback`)."""
+        self.report, self._state = evolver_for(self.model, self.options)(epoch, self._state)
+        return self.report.to_logs()
 
-    def on_epoch_end(self, epoch, logs=None):
-        if logs is not None:
-            logs.update((self._report or EvolutionReport(epoch, evolved=False)).to_logs())
-        self._report = None
-        self._last_ended = epoch
-        if self.backup_dir is not None:
-            self._write_backup(epoch)
+    def idle_logs(self):
+        return EvolutionReport(0, evolved=False).to_logs()
 
-    def on_train_end(self, logs=None):
-        last = self._last_ended
-        if self.evolve_last_epoch and last is not None and self._scheduled(last):
-            self._evolve(last)
-        self._last_ended = None
-
-    def _evolve(self, epoch):
-        report, self._state = evolver_for(self.model, self.options)(epoch, self._state)
-        if self.verbose:
-            print(report.summary())
-        return report
-
-    def _scheduled(self, epoch):
-        return epoch >= self.start_epoch and (epoch - self.start_epoch) % self.frequency == 0
-
-    # ------------------------------------------------------------ backup
-
-    def _read_backup(self):
-        path = os.path.join(self.backup_dir, STATE_FILE)
-        if not os.path.exists(path):
-            return {}
-        with open(path) as f:
-            saved = json.load(f)
-        return {int(epoch): check_state(state) for epoch, state in saved["states"].items()}
-
-    def _write_backup(self, epoch):
-        self._saved_states[epoch] = self.get_state()
-        for old in sorted(self._saved_states)[:-KEPT_STATES]:
-            del self._saved_states[old]
-        os.makedirs(self.backup_dir, exist_ok=True)
-        path = os.path.join(self.backup_dir, STATE_FILE)
-        # Written aside and renamed, so an interruption never leaves half a file.
-        with open(path + ".tmp", "w") as f:
-            json.dump({"states": {str(e): s for e, s in self._saved_states.items()}}, f)
-        os.replace(path + ".tmp", path)
-
+    def summary(self, epoch, logs):
+        return self.report.summary()

@@ -23,6 +23,7 @@ NOTEBOOKS = {
     "02_inside_weight_evolution.ipynb": ("torch",),
     "03_custom_training_loop.ipynb": ("torch", "jax", "tensorflow"),
     "04_export_for_tf_serving.ipynb": ("tensorflow",),
+    "05_reactivation_methods.ipynb": ("tensorflow",),
 }
 
 

@@ -80,8 +80,8 @@ def test_which_epochs_evolve(kwargs, evolved_epochs):
     callback = keras_we.WeightEvolution(**kwargs)
     callback.set_model(model)
     callback.set_params({"epochs": 5, "verbose": 0})
-    seen, evolve = [], callback._evolve
-    callback._evolve = lambda epoch: seen.append(epoch) or evolve(epoch)
+    seen, act = [], callback.act
+    callback.act = lambda epoch: seen.append(epoch) or act(epoch)
     callback.on_train_begin()
     logged = []
     for epoch in range(5):

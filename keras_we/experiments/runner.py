@@ -25,7 +25,7 @@ import traceback
 
 import keras
 
-from keras_we import crossovers
+from keras_we import crossovers, peers
 from keras_we.experiments import data as data_lib
 from keras_we.experiments import models
 from keras_we.experiments.recipe import Recipe
@@ -33,9 +33,27 @@ from keras_we.validation import check_choice, check_int
 from keras_we.weight_evolution import WeightEvolution
 
 BASELINE = "baseline"
+# The peers (`keras_we.peers`) that are callbacks of one network: what makes
+# each one's callbacks for a run, from its recipe, seed and state folder.
+PEER_METHODS = {
+    "graft-noise": lambda recipe, seed, state_dir: [peers.NoiseGrafting(seed=seed)],
+    "graft-internal": lambda recipe, seed, state_dir: [peers.InternalGrafting()],
+    "repr": lambda recipe, seed, state_dir: [peers.RePr.scaled(recipe.epochs, backup_dir=state_dir)],
+    "dsd": lambda recipe, seed, state_dir: [peers.DSD(backup_dir=state_dir)],
+}
+# External filter grafting trains K networks side by side (`peers.fit_grafted`):
+# network 1 is the paired one; network i > 1 takes seed + (i - 1) * 1000.
+GRAFTING = "grafting"
+GRAFTED_NETWORKS = 2
+PEER_SEED_OFFSET = 1000
 DATASETS = {"cifar10": 10, "cifar100": 100}
 RUN_FILE = "run.json"
 EVOLVED_KEYS = ("we_conv_evolved", "we_gamma_evolved", "we_beta_evolved")
+# What each method's callbacks log as the items they touched after an epoch.
+TOUCHED_KEYS = EVOLVED_KEYS + (
+    "graft_noise_filters", "graft_internal_filters", "repr_pruned_filters",
+    "repr_reinitialized_filters", "dsd_pruned_values",
+)
 
 PRESETS = {
     # 3 methods x 3 seeds in about 20 minutes on 2 CPU cores (TensorFlow);
@@ -44,6 +62,18 @@ PRESETS = {
         models=("resnet20",),
         dataset="cifar10",
         methods=("baseline", "we-paper", "we-reference"),
+        seeds=(0, 1, 2),
+        epochs=8,
+        train_size=10000,
+        test_size=5000,
+        batch_size=128,
+    ),
+    # WE and its peers (keras_we.peers) on the `cpu` setting: 7 methods
+    # (grafting trains 2 networks) x 3 seeds, about an hour on 2 CPU cores.
+    "peers": dict(
+        models=("resnet20",),
+        dataset="cifar10",
+        methods=("baseline", "we-reference", "graft-noise", "graft-internal", "grafting", "repr", "dsd"),
         seeds=(0, 1, 2),
         epochs=8,
         train_size=10000,
@@ -79,6 +109,8 @@ DEFAULT_PRESET = "cpu"
 PRESET_HELP = {
     "cpu": "ResNet-20 on CIFAR-10, 10k training / 5k test images, 8 epochs, "
            "3 methods x 3 seeds; about 20 min on 2 CPU cores with TensorFlow",
+    "peers": "the cpu setting with WE and all its peers: baseline, we-reference, graft-noise, "
+             "graft-internal, grafting, repr, dsd x 3 seeds; about an hour on 2 CPU cores",
     "paper": "the paper's 200-epoch protocol, for a GPU: ResNet-56 and MobileNetV2 "
              "on all of CIFAR-10, 3 methods x 3 seeds",
     "smoke": "a check that everything runs (CI): ResNet-20, 512 training / 500 test "
@@ -90,6 +122,7 @@ TABLE_FIELDS = (
     "final_test_accuracy_diff_mean", "final_test_accuracy_diff_std",
     "best_test_accuracy_mean", "best_test_accuracy_std",
     "best_test_accuracy_diff_mean", "best_test_accuracy_diff_std",
+    "relative_compute", "relative_time",
 )
 # What `compare` needs beyond the core: (module, what to pip install, for what).
 PLOT_REQUIREMENTS = (("matplotlib", "matplotlib>=3.7", "the plots of `keras-we compare`"),)
@@ -169,21 +202,36 @@ def load_data(config):
 
 
 def methods():
-    """The methods a run can use: `baseline`, and `we-<mode>` for every
-    registered crossover mode (`keras_we.crossovers`)."""
-    return (BASELINE, *(f"we-{name}" for name in crossovers.names()))
+    """The methods a run can use: `baseline`, `we-<mode>` for every
+    registered crossover mode (`keras_we.crossovers`), and the peers
+    (`keras_we.peers`): `graft-noise`, `graft-internal`, `repr`, `dsd` and
+    `grafting` (external, K networks)."""
+    return (BASELINE, *(f"we-{name}" for name in crossovers.names()), *PEER_METHODS, GRAFTING)
 
 
-def method_callbacks(method, recipe=None, state_dir=None):
-    """The callbacks that make `method` what it is, under `recipe` (the
-    schedule of its ratios; default `Recipe()`), keeping their state in
-    `state_dir` (see `WeightEvolution`'s `backup_dir`)."""
+def relative_compute(method):
+    """The training compute of `method` relative to the baseline's, in
+    networks trained: `grafting` trains `GRAFTED_NETWORKS`, the others one
+    (their between-epoch steps cost a small fraction of an epoch; the
+    measured time is in each run's `train_seconds`)."""
     check_choice("method", method, methods())
-    if method == BASELINE:
-        return []
+    return GRAFTED_NETWORKS if method == GRAFTING else 1
+
+
+def method_callbacks(method, recipe=None, state_dir=None, seed=0):
+    """The callbacks that make `method` what it is for one network, under
+    `recipe` (default `Recipe()`: it scales the WE and RePr schedules),
+    keeping their state in `state_dir` (see `WeightEvolution`'s
+    `backup_dir`); `seed` seeds the noise of `graft-noise`. `baseline` and
+    `grafting` have none (grafting is `peers.fit_grafted`, see `train_run`)."""
+    check_choice("method", method, methods())
     recipe = Recipe() if recipe is None else recipe
-    return [WeightEvolution(crossover=method.removeprefix("we-"),
-                            schedule=recipe.we_schedule(), backup_dir=state_dir)]
+    if method in PEER_METHODS:
+        return PEER_METHODS[method](recipe, seed, state_dir)
+    if method.startswith("we-"):
+        return [WeightEvolution(crossover=method.removeprefix("we-"),
+                                schedule=recipe.we_schedule(), backup_dir=state_dir)]
+    return []
 
 
 def check_data(config):
@@ -196,8 +244,16 @@ def train_run(config, out_dir, verbose=1):
     """Trains one run under the paper's recipe, resuming if interrupted.
 
     Writes to `out_dir`: `history.csv` (one row per epoch), `model.keras`
-    and `run.json` (config, final and best test accuracy, history). A folder
-    that already holds `run.json` is finished and is returned as it is.
+    and `run.json` (config, final and best test accuracy, history, wall
+    time and compute relative to the baseline). A folder that already holds
+    `run.json` is finished and is returned as it is.
+
+    `grafting` trains `GRAFTED_NETWORKS` networks with `peers.fit_grafted`,
+    at the learning rates `peers.grafting.learning_rates` splits the
+    recipe's into; network 1 (seed `config.seed`) is the paired one and
+    gives the run's accuracy and `model.keras`; network i > 1 has its own
+    initial weights and data order (seed + (i - 1) * 1000), its history in
+    `history_network<i>.csv` and its accuracy under `"networks"`.
 
     Returns:
         The run record (the content of `run.json`).
@@ -209,36 +265,56 @@ def train_run(config, out_dir, verbose=1):
     os.makedirs(out_dir, exist_ok=True)
     recipe = config.recipe()
     (x_train, y_train), (x_test, y_test) = load_data(config)
-    train = data_lib.CifarSequence(
-        x_train, y_train, batch_size=recipe.batch_size, augment=True, shuffle=True, seed=config.seed,
-    )
     test = data_lib.CifarSequence(x_test, y_test, batch_size=500, augment=False, shuffle=False)
 
-    keras.utils.set_random_seed(config.seed)
-    model = models.get(config.model, classes=DATASETS[config.dataset], input_shape=x_train.shape[1:])
-    model.compile(
-        optimizer=recipe.optimizer(),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-    )
-    callbacks = method_callbacks(config.method, recipe, os.path.join(out_dir, "we_state"))
-    callbacks += recipe.callbacks()
-    callbacks += [
-        # The batches of epoch e are those of (seed, e), e being fit's epoch
-        # index, which BackupAndRestore sets when it resumes a run: the
-        # resumed run stays paired with the others.
-        data_lib.SyncEpoch(train),
-        # After WeightEvolution, so the backup holds the evolved weights.
-        keras.callbacks.BackupAndRestore(os.path.join(out_dir, "backup")),
-        keras.callbacks.CSVLogger(os.path.join(out_dir, "history.csv"), append=True),
-    ]
+    def network(seed, recipe, history_file):
+        """A compiled model, its training data and its callbacks, by seed."""
+        train = data_lib.CifarSequence(
+            x_train, y_train, batch_size=recipe.batch_size, augment=True, shuffle=True, seed=seed)
+        keras.utils.set_random_seed(seed)
+        model = models.get(config.model, classes=DATASETS[config.dataset], input_shape=x_train.shape[1:])
+        model.compile(
+            optimizer=recipe.optimizer(),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["accuracy"],
+        )
+        callbacks = recipe.callbacks() + [
+            # The batches of epoch e are those of (seed, e), e being fit's
+            # epoch index, which BackupAndRestore sets when it resumes a
+            # run: the resumed run stays paired with the others.
+            data_lib.SyncEpoch(train),
+            keras.callbacks.CSVLogger(os.path.join(out_dir, history_file), append=True),
+        ]
+        return model, train, callbacks
+
     start = time.perf_counter()
-    # The sequence shuffles and augments by (seed, epoch); `shuffle=False`
-    # stops fit from reordering its batches with the global random state.
-    model.fit(
-        train, validation_data=test, epochs=recipe.epochs, callbacks=callbacks,
-        shuffle=False, verbose=verbose,
-    )
+    # The sequences shuffle and augment by (seed, epoch); `shuffle=False`
+    # stops fit from reordering their batches with the global random state.
+    if config.method == GRAFTING:
+        rates = peers.grafting.learning_rates(recipe.learning_rate, GRAFTED_NETWORKS)
+        networks = [
+            network(config.seed + i * PEER_SEED_OFFSET, dataclasses.replace(recipe, learning_rate=rate),
+                    "history.csv" if i == 0 else f"history_network{i + 1}.csv")
+            for i, rate in enumerate(rates)
+        ]
+        grafted = [model for model, _, _ in networks]
+        peers.fit_grafted(
+            grafted, [train for _, train, _ in networks], epochs=recipe.epochs,
+            validation_data=test, callbacks=[callbacks for _, _, callbacks in networks],
+            backup_dir=os.path.join(out_dir, "backup"), shuffle=False, verbose=verbose,
+        )
+        model = grafted[0]
+    else:
+        model, train, callbacks = network(config.seed, recipe, "history.csv")
+        callbacks = method_callbacks(config.method, recipe, os.path.join(out_dir, "we_state"),
+                                     seed=config.seed) + callbacks
+        # After the method's callbacks, so the backup holds the weights
+        # they changed.
+        callbacks.insert(len(callbacks) - 1, keras.callbacks.BackupAndRestore(os.path.join(out_dir, "backup")))
+        model.fit(
+            train, validation_data=test, epochs=recipe.epochs, callbacks=callbacks,
+            shuffle=False, verbose=verbose,
+        )
     seconds = time.perf_counter() - start
     model.save(os.path.join(out_dir, "model.keras"))
 
@@ -248,9 +324,17 @@ def train_run(config, out_dir, verbose=1):
         "final_test_accuracy": history["test_accuracy"][-1],
         "best_test_accuracy": max(history["test_accuracy"]),
         "train_seconds": seconds,
+        "relative_compute": relative_compute(config.method),
         "backend": keras.backend.backend(),
         "history": history,
     }
+    if config.method == GRAFTING:
+        record["networks"] = [
+            {"final_test_accuracy": h["test_accuracy"][-1], "best_test_accuracy": max(h["test_accuracy"]),
+             "test_accuracy": h["test_accuracy"]}
+            for h in [history] + [read_history(os.path.join(out_dir, f"history_network{i + 1}.csv"))
+                                  for i in range(1, GRAFTED_NETWORKS)]
+        ]
     with open(finished + ".tmp", "w") as f:
         json.dump(record, f, indent=1)
     os.replace(finished + ".tmp", finished)
@@ -277,6 +361,8 @@ def read_history(path):
         history[name] = [float(rows[e][key]) for e in epochs]
     evolved = [sum(float(rows[e].get(k) or 0) for k in EVOLVED_KEYS) for e in epochs]
     history["items_evolved"] = [int(v) for v in evolved]
+    touched = [sum(float(rows[e].get(k) or 0) for k in TOUCHED_KEYS) for e in epochs]
+    history["items_touched"] = [int(v) for v in touched]
     for key in EVOLVED_KEYS:
         history[key[3:]] = [int(float(rows[e].get(key) or 0)) for e in epochs]
     return history
@@ -362,7 +448,11 @@ def summary_table(runs):
     baseline = by_method.get("baseline", {})
     rows = []
     for method, seeded in by_method.items():
-        row = {"method": method, "seeds": len(seeded)}
+        row = {"method": method, "seeds": len(seeded),
+               "relative_compute": max(r.get("relative_compute", 1) for r in seeded.values())}
+        times = [r["train_seconds"] / baseline[s]["train_seconds"] for s, r in seeded.items()
+                 if s in baseline and baseline[s].get("train_seconds")]
+        row["relative_time"] = statistics.mean(times) if times else math.nan
         for metric in ("final_test_accuracy", "best_test_accuracy"):
             values = [100 * r[metric] for r in seeded.values()]
             row[f"{metric}_mean"] = statistics.mean(values)
@@ -381,13 +471,20 @@ def _std(values):
 
 
 def format_table(table):
-    """The summary table as markdown (top-1 in %, mean ± std over seeds)."""
+    """The summary table as markdown (top-1 in %, mean ± std over seeds).
+
+    `compute` is the training compute relative to the baseline in networks
+    trained (grafting: K); `time` the measured wall time relative to the
+    baseline's at the same seed, mean over seeds."""
     lines = [
-        "| method | seeds | final top-1 | paired diff (final) | best top-1 | paired diff (best) |",
-        "|---|---|---|---|---|---|",
+        "| method | seeds | compute | time | final top-1 | paired diff (final) | best top-1 "
+        "| paired diff (best) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in table:
-        cells = [r["method"], str(r["seeds"])]
+        time_ratio = r.get("relative_time", math.nan)
+        cells = [r["method"], str(r["seeds"]), f"{r.get('relative_compute', 1)}×",
+                 "—" if math.isnan(time_ratio) else f"{time_ratio:.2f}×"]
         for metric in ("final_test_accuracy", "best_test_accuracy"):
             cells.append(f"{r[f'{metric}_mean']:.2f} ± {r[f'{metric}_std']:.2f}")
             diff = r[f"{metric}_diff_mean"]

@@ -1,0 +1,95 @@
+"""The peers in the runner: `keras-we compare --methods ...` with the pairing
+rules of PEERS.md, on the real CIFAR-10."""
+
+import csv
+import json
+import os
+
+import pytest
+
+from keras_we import peers
+from keras_we.experiments import cli, runner
+
+PEERS = ("graft-noise", "graft-internal", "grafting", "repr", "dsd")
+
+
+def test_methods_list_every_peer_once():
+    methods = runner.methods()
+    assert len(set(methods)) == len(methods)
+    for method in ("baseline", "we-paper", "we-reference", *PEERS):
+        assert method in methods
+    assert [runner.relative_compute(m) for m in ("baseline", "we-reference", "repr", "grafting")] == [1, 1, 1, 2]
+    with pytest.raises(ValueError, match="`method`.*'grafting'"):
+        runner.relative_compute("graft")
+
+
+def test_method_callbacks_make_each_peer_for_the_recipe(tmp_path):
+    recipe = runner.Recipe(epochs=8)
+    kinds = {
+        "graft-noise": peers.NoiseGrafting,
+        "graft-internal": peers.InternalGrafting,
+        "repr": peers.RePr,
+        "dsd": peers.DSD,
+    }
+    for method, kind in kinds.items():
+        [callback] = runner.method_callbacks(method, recipe, str(tmp_path), seed=3)
+        assert type(callback) is kind
+    # RePr's cycles scale with the run (PEERS.md: 20 + 10 epochs of 200,
+    # while the cycle ends by the last learning-rate milestone, 180 of 200).
+    [repr_] = runner.method_callbacks("repr", recipe, str(tmp_path))
+    assert (repr_.train_epochs, repr_.prune_epochs, repr_.last_epoch) == (1, 1, 7)
+    assert runner.method_callbacks("grafting", recipe) == []
+    assert runner.method_callbacks("baseline", recipe) == []
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.usefixtures("real_cifar10")
+def test_compare_runs_the_peers_paired_with_the_baseline(tmp_path):
+    out = str(tmp_path / "cmp")
+    # Three epochs: RePr drops after epoch 0 and re-initializes after epoch 1;
+    # DSD prunes after epoch 0 and lifts the mask after epoch 1.
+    code = cli.main(
+        ["compare", "--model", "resnet20", "--methods", "baseline,repr,dsd,grafting", "--seeds", "0",
+         "--epochs", "3", "--train-size", "200", "--test-size", "100", "--batch-size", "50",
+         "--quiet", "--out", out]
+    )
+    assert code == 0
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["failed"] == []
+    runs = {r["method"]: r for r in summary["runs"]}
+    run_dirs = {m: os.path.join(out, "runs", f"resnet20_{m}_seed0") for m in runs}
+
+    # Same seed, same start: until the first action, a one-network peer
+    # trains exactly as the baseline.
+    for method in ("repr", "dsd"):
+        assert runs[method]["history"]["train_loss"][0] == pytest.approx(
+            runs["baseline"]["history"]["train_loss"][0], rel=1e-5)
+        assert runs[method]["relative_compute"] == 1
+
+    repr_log = read_csv(os.path.join(run_dirs["repr"], "history.csv"))
+    assert [int(float(r["repr_pruned_filters"])) > 0 for r in repr_log] == [False, True, False]
+    assert [int(float(r["repr_reinitialized_filters"])) > 0 for r in repr_log] == [False, False, True]
+    dsd_log = read_csv(os.path.join(run_dirs["dsd"], "history.csv"))
+    assert [float(r["dsd_sparsity"]) for r in dsd_log] == pytest.approx([0, 0.3, 0], abs=1e-3)
+    assert runs["repr"]["history"]["items_touched"][1] > 0
+
+    # Grafting: two networks, network 1 the paired one (its learning rate
+    # is the lower of the split, 0.05), its accuracy the run's.
+    grafting = runs["grafting"]
+    assert grafting["relative_compute"] == 2
+    assert len(grafting["networks"]) == 2
+    assert grafting["final_test_accuracy"] == grafting["networks"][0]["final_test_accuracy"]
+    for name in ("history.csv", "history_network2.csv"):
+        log = read_csv(os.path.join(run_dirs["grafting"], name))
+        assert len(log) == 3
+        assert [float(r["learning_rate"]) for r in log][0] == pytest.approx(
+            0.05 if name == "history.csv" else 0.1)
+    table = {row["method"]: row for row in summary["table"]}
+    assert table["grafting"]["relative_compute"] == 2 and table["repr"]["relative_compute"] == 1
+    assert table["grafting"]["relative_time"] > 1.2  # it trained twice as many networks
+    assert "| grafting | 1 | 2× |" in open(os.path.join(out, "table.md")).read()
+
