@@ -68,18 +68,6 @@ PRESETS = {
         test_size=5000,
         batch_size=128,
     ),
-    # WE and its peers (keras_we.peers) on the `cpu` setting: 7 methods
-    # (grafting trains 2 networks) x 3 seeds, about an hour on 2 CPU cores.
-    "peers": dict(
-        models=("resnet20",),
-        dataset="cifar10",
-        methods=("baseline", "we-reference", "graft-noise", "graft-internal", "grafting", "repr", "dsd"),
-        seeds=(0, 1, 2),
-        epochs=8,
-        train_size=10000,
-        test_size=5000,
-        batch_size=128,
-    ),
     # The paper's protocol, for a GPU: 200 epochs on all of CIFAR-10.
     "paper": dict(
         models=("resnet56", "mobilenet_v2"),
@@ -109,8 +97,6 @@ DEFAULT_PRESET = "cpu"
 PRESET_HELP = {
     "cpu": "ResNet-20 on CIFAR-10, 10k training / 5k test images, 8 epochs, "
            "3 methods x 3 seeds; about 20 min on 2 CPU cores with TensorFlow",
-    "peers": "the cpu setting with WE and all its peers: baseline, we-reference, graft-noise, "
-             "graft-internal, grafting, repr, dsd x 3 seeds; about an hour on 2 CPU cores",
     "paper": "the paper's 200-epoch protocol, for a GPU: ResNet-56 and MobileNetV2 "
              "on all of CIFAR-10, 3 methods x 3 seeds",
     "smoke": "a check that everything runs (CI): ResNet-20, 512 training / 500 test "
