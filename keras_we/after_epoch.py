@@ -82,6 +82,15 @@ class AfterEpochCallback(keras.callbacks.Callback):
         """Whether to act after `epoch`."""
         return epoch >= self.start_epoch and (epoch - self.start_epoch) % self.frequency == 0
 
+    def write_after_batch(self, write):
+        """Calls `write()`, which writes the model's variables, from
+        `on_train_batch_end`. During `fit` on JAX the trainer holds the
+        trained values apart from the variables and puts them back when
+        `Callback.model` is read: reading it first keeps the write from
+        being overwritten by the next batch."""
+        self.model  # noqa: B018
+        write()
+
     def get_state(self):
         """What the callback carries across epochs, as a JSON-able dict."""
         return {}

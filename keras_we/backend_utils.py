@@ -2,6 +2,7 @@
 backend switch of the evolution step is in this module."""
 
 import keras
+import numpy as np
 from keras import ops
 
 
@@ -10,12 +11,15 @@ def stable_argsort(x):
 
     Forward matching pairs items by rank, so tied scores (dead filters are
     all zero) must rank the same way on every backend. JAX and PyTorch sort
-    stably through `keras.ops.argsort`; TensorFlow needs to be asked.
+    stably through `keras.ops.argsort`; TensorFlow and NumPy (whose default
+    sort may be an unstable SIMD quicksort) need to be asked.
     """
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
         return tf.argsort(x, axis=-1, stable=True)
+    if keras.backend.backend() == "numpy":
+        return np.argsort(x, axis=-1, kind="stable")
     return ops.argsort(x, axis=-1)
 
 

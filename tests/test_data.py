@@ -1,7 +1,6 @@
 """Tests of keras_we.experiments.data: loading, subsets, augmentation, normalization and
 the seeded `CifarSequence`."""
 
-import os
 import socket
 import time
 import urllib.request
@@ -453,6 +452,35 @@ def test_sequence_determinism(small):
     assert_same_batches(second, epoch_batches(resumed))
     resumed.epoch = 0
     assert_same_batches(first, epoch_batches(resumed))
+
+
+def test_crops_and_flips_are_drawn_anew_every_epoch(small):
+    """With shuffling off each batch holds the same images every epoch, so
+    only the crops and flips can change: every image must get new ones
+    from epoch to epoch (a draw that ignored the epoch would give each
+    image one crop for the whole run)."""
+    x, y = small
+    sequence = data.CifarSequence(x, y, batch_size=64, augment=True, shuffle=False, seed=5)
+    data.SyncEpoch(sequence)
+    epochs = 6
+    crops = []
+    for epoch in range(epochs):
+        sequence.epoch = epoch
+        images, labels = sequence[1]
+        np.testing.assert_array_equal(labels, y[64:128])
+        crops.append(np.rint(
+            (images * np.array(data.CIFAR_STD) + np.array(data.CIFAR_MEAN)) * 255).astype(np.uint8))
+    for i in range(16):
+        source = x[64 + i]
+        placements = [find_crop(source, crop[i]) for crop in crops]
+        assert all(placements), f"image {i}: not a crop of its own source"
+        distinct = {crop[i].tobytes() for crop in crops}
+        # 81 offsets x 2 flips: six draws rarely repeat one.
+        assert len(distinct) >= epochs - 1, (i, placements)
+    # Coming back to an epoch gives its crops again.
+    sequence.epoch = 2
+    again = np.rint((sequence[1][0] * np.array(data.CIFAR_STD) + np.array(data.CIFAR_MEAN)) * 255)
+    np.testing.assert_array_equal(again.astype(np.uint8), crops[2])
 
 
 def test_the_sequence_never_moves_its_epoch_itself(small):

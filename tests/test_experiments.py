@@ -30,40 +30,80 @@ def weights_of(run_dir):
     return [keras.ops.convert_to_numpy(w) for w in model.weights]
 
 
-def test_compare_writes_summary_table_and_plots(tmp_path):
+def plotted_lines(monkeypatch):
+    """Records, for every figure the runner saves, its file name and the
+    (label, x, y) of each line it drew."""
+    from matplotlib.figure import Figure
+
+    saved, real_savefig = {}, Figure.savefig
+
+    def savefig(figure, path, *args, **kwargs):
+        [axis] = figure.axes
+        saved[os.path.basename(path)] = [
+            (line.get_label(), [float(x) for x in line.get_xdata()], [float(y) for y in line.get_ydata()])
+            for line in axis.get_lines()
+        ]
+        return real_savefig(figure, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    return saved
+
+
+def test_compare_writes_summary_table_and_plots(tmp_path, monkeypatch):
     out = str(tmp_path / "cmp")
+    plots = plotted_lines(monkeypatch)
     code = cli.main(
-        ["compare", "--model", "resnet20", "--methods", "baseline,we-paper", "--seeds", "0",
-         "--epochs", "2", "--train-size", "200", "--test-size", "100", "--batch-size", "50",
+        ["compare", "--model", "resnet20", "--methods", "baseline,we-paper,we-reference", "--seeds", "0",
+         "--epochs", "3", "--train-size", "200", "--test-size", "100", "--batch-size", "50",
          "--quiet", "--out", out]
     )
     assert code == 0
     summary = json.load(open(os.path.join(out, "summary.json")))
     runs = {r["method"]: r for r in summary["runs"]}
-    assert set(runs) == {"baseline", "we-paper"}
+    assert set(runs) == {"baseline", "we-paper", "we-reference"}
     for run in runs.values():
-        assert run["seed"] == 0 and run["epochs"] == 2
+        assert run["seed"] == 0 and run["epochs"] == 3
         history = run["history"]
-        assert len(history["test_accuracy"]) == 2
+        assert len(history["test_accuracy"]) == 3
         assert run["final_test_accuracy"] == history["test_accuracy"][-1]
         assert run["best_test_accuracy"] == max(history["test_accuracy"])
         assert 0.0 <= run["final_test_accuracy"] <= 1.0
-    # The baseline never evolves; WE evolves after epoch 0, which epoch 1's
-    # logs show (epoch e logs the evolution after epoch e - 1).
-    assert runs["baseline"]["history"]["items_evolved"] == [0, 0]
-    assert runs["we-paper"]["history"]["items_evolved"][0] == 0
-    assert runs["we-paper"]["history"]["items_evolved"][1] > 0
-    # Same seed: the first epoch (before any evolution) is identical.
-    assert runs["baseline"]["history"]["train_loss"][0] == pytest.approx(
-        runs["we-paper"]["history"]["train_loss"][0], rel=1e-5
-    )
+    # The baseline never evolves; WE evolves after epochs 0 and 1, which
+    # the next epochs' logs show (epoch e logs the evolution after e - 1).
+    assert runs["baseline"]["history"]["items_evolved"] == [0, 0, 0]
+    for method in ("we-paper", "we-reference"):
+        evolved = runs[method]["history"]["items_evolved"]
+        assert evolved[0] == 0 and evolved[1] > 0 and evolved[2] > 0, evolved
+        # Same seed: the first epoch (before any evolution) is identical.
+        assert runs["baseline"]["history"]["train_loss"][0] == pytest.approx(
+            runs[method]["history"]["train_loss"][0], rel=1e-5
+        )
+    # What the runs did, not only what they logged. The modes differ only
+    # in the element crossover of conv filters, which the starvation counter
+    # forces by the second evolution (BN entries cross over alike in both):
+    # the two WE runs select alike until then and end with weights that
+    # differ from each other and from the baseline's.
+    paper, reference = runs["we-paper"]["history"], runs["we-reference"]["history"]
+    assert paper["conv_evolved"][:2] == reference["conv_evolved"][:2]
+    assert sum(paper["conv_evolved"]) > 0 and sum(reference["conv_evolved"]) > 0
+    final = {m: weights_of(os.path.join(out, "runs", f"resnet20_{m}_seed0")) for m in runs}
+    for a, b in (("baseline", "we-paper"), ("baseline", "we-reference"), ("we-paper", "we-reference")):
+        assert any(not np.array_equal(x, y) for x, y in zip(final[a], final[b])), (a, b)
     table = {row["method"]: row for row in summary["table"]}
-    diff = 100 * (runs["we-paper"]["final_test_accuracy"] - runs["baseline"]["final_test_accuracy"])
-    assert table["we-paper"]["final_test_accuracy_diff_mean"] == pytest.approx(diff)
-    for name in ("table.md", "table.csv", "test_accuracy.png", "items_evolved.png"):
-        assert os.path.getsize(os.path.join(out, name)) > 0
+    for method in ("we-paper", "we-reference"):
+        diff = 100 * (runs[method]["final_test_accuracy"] - runs["baseline"]["final_test_accuracy"])
+        assert table[method]["final_test_accuracy_diff_mean"] == pytest.approx(diff)
     assert "paired diff" in open(os.path.join(out, "table.md")).read()
     assert summary["failed"] == []
+    # The plots hold the runs' data: one line per run, by method, at
+    # epochs 1..3.
+    for name, key in (("test_accuracy.png", "test_accuracy"), ("items_evolved.png", "items_evolved")):
+        assert os.path.getsize(os.path.join(out, name)) > 0
+        lines = plots[name]
+        assert sorted(label for label, _, _ in lines) == sorted(runs)
+        for label, x, y in lines:
+            assert x == [1.0, 2.0, 3.0]
+            assert y == pytest.approx(runs[label]["history"][key])
 
 
 def test_a_run_that_raises_is_recorded_and_the_others_are_summarized(tmp_path, capsys, monkeypatch):

@@ -6,7 +6,7 @@ import pytest
 
 import keras_we
 from keras_we.layers import find_targets
-from tests.utils import LayerStack, kernels, small_cnn, tiny_cnn, toy_data
+from tests.utils import LayerStack, kernels, small_cnn, toy_data
 
 
 def numpy(variable):

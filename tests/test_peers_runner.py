@@ -8,7 +8,8 @@ import os
 import pytest
 
 from keras_we import peers
-from keras_we.experiments import cli, runner
+from keras_we.experiments import cli, models, runner
+from keras_we.peers.kernels import conv_kernels, l1_norms
 
 PEERS = ("graft-noise", "graft-internal", "grafting", "repr", "dsd")
 
@@ -47,13 +48,29 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
+def eager(kind):
+    """`kind` (a grafting callback) with a threshold above every filter's
+    L1 norm: a young ResNet-20 has no filter below the default 0.1, so the
+    runner's grafting runs would otherwise leave the network as it is."""
+
+    class Eager(kind):
+        def __init__(self, threshold=1e9, **kwargs):
+            super().__init__(threshold=threshold, **kwargs)
+
+    return Eager
+
+
 @pytest.mark.usefixtures("real_cifar10")
-def test_compare_runs_the_peers_paired_with_the_baseline(tmp_path):
+def test_compare_runs_the_peers_paired_with_the_baseline(tmp_path, monkeypatch):
     out = str(tmp_path / "cmp")
+    monkeypatch.setattr(peers, "NoiseGrafting", eager(peers.NoiseGrafting))
+    monkeypatch.setattr(peers, "InternalGrafting", eager(peers.InternalGrafting))
     # Three epochs: RePr drops after epoch 0 and re-initializes after epoch 1;
-    # DSD prunes after epoch 0 and lifts the mask after epoch 1.
+    # DSD prunes after epoch 0 and lifts the mask after epoch 1; the
+    # single-network graftings graft after epochs 0 and 1.
+    methods = "baseline,graft-noise,graft-internal,repr,dsd,grafting"
     code = cli.main(
-        ["compare", "--model", "resnet20", "--methods", "baseline,repr,dsd,grafting", "--seeds", "0",
+        ["compare", "--model", "resnet20", "--methods", methods, "--seeds", "0",
          "--epochs", "3", "--train-size", "200", "--test-size", "100", "--batch-size", "50",
          "--quiet", "--out", out]
     )
@@ -65,10 +82,22 @@ def test_compare_runs_the_peers_paired_with_the_baseline(tmp_path):
 
     # Same seed, same start: until the first action, a one-network peer
     # trains exactly as the baseline.
-    for method in ("repr", "dsd"):
+    for method in ("graft-noise", "graft-internal", "repr", "dsd"):
         assert runs[method]["history"]["train_loss"][0] == pytest.approx(
             runs["baseline"]["history"]["train_loss"][0], rel=1e-5)
         assert runs[method]["relative_compute"] == 1
+        # ... and then each one acted: it touched filters after epoch 0,
+        # and the network ends elsewhere than the baseline's.
+        assert runs[method]["history"]["items_touched"][1] > 0, method
+        assert runs[method]["history"]["train_loss"][2] != pytest.approx(
+            runs["baseline"]["history"]["train_loss"][2], rel=1e-4), method
+    # Every conv filter is below the eager threshold, so both graftings
+    # touched every one of them, after epoch 0 and after epoch 1.
+    model = models.get("resnet20", classes=10, input_shape=(32, 32, 3))
+    filters = sum(len(l1_norms(t, t.variable.value)) for t in conv_kernels(model))
+    for method, key in (("graft-noise", "graft_noise_filters"), ("graft-internal", "graft_internal_filters")):
+        log = read_csv(os.path.join(run_dirs[method], "history.csv"))
+        assert [int(float(r[key])) for r in log] == [0, filters, filters], method
 
     repr_log = read_csv(os.path.join(run_dirs["repr"], "history.csv"))
     assert [int(float(r["repr_pruned_filters"])) > 0 for r in repr_log] == [False, True, False]
@@ -88,6 +117,10 @@ def test_compare_runs_the_peers_paired_with_the_baseline(tmp_path):
         assert len(log) == 3
         assert [float(r["learning_rate"]) for r in log][0] == pytest.approx(
             0.05 if name == "history.csv" else 0.1)
+        # The networks were grafted after epochs 0 and 1 (a coefficient of
+        # a = 0.4 around 0.5, never 0 or 1), not merely trained side by side.
+        coefficients = [float(r["graft_coefficient_mean"]) for r in log]
+        assert coefficients[0] == 0 and all(0.1 < c < 0.9 for c in coefficients[1:]), coefficients
     table = {row["method"]: row for row in summary["table"]}
     assert table["grafting"]["relative_compute"] == 2 and table["repr"]["relative_compute"] == 1
     assert table["grafting"]["relative_time"] > 1.2  # it trained twice as many networks

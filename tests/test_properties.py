@@ -19,7 +19,7 @@ from keras_we.evolution import EvolutionOptions, Evolver
 from keras_we.layers import Target
 
 SETTINGS = settings(
-    max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 
 
@@ -68,27 +68,38 @@ def test_step_invariants(kernels, ratio, mode):
     all_scores = np.concatenate([scores_of(k) for k in kernels]).astype("float32")
     position = strategies.threshold_position(all_scores.size, ratio)
     threshold = np.sort(all_scores)[position]
-    changed_filters = 0
+    changed_filters = expected_evolved = 0
     for before, after in zip(kernels, results):
         # Shapes and dtypes are kept, and nothing non-finite appears.
         assert after.shape == before.shape and after.dtype == before.dtype
         assert np.isfinite(after).all()
         changed = np.any(before != after, axis=(0, 1))
         changed_filters += int(changed.sum())
-        # Globally important filters, and so every dominant one, never change.
-        important = scores_of(before).astype("float32") >= threshold
-        assert not changed[important].any()
-        # The element path only rewrites values equal to the channel's
-        # smallest-magnitude element, and all such values the same way.
+        # The inferior filters are the k lowest-scoring ones (ties in index
+        # order), k as local selection and forcing give it (the starvation
+        # limit is 1: every starved kernel is forced); only they change,
+        # so globally important and dominant filters never do.
+        scores = scores_of(before).astype("float32")
+        n, important = len(scores), int((scores >= threshold).sum())
+        weak = int((scores <= np.float32(0.1) * scores.max()).sum())
+        k = 0 if important == n else min(max(weak, 1), n - important)
+        inferior = np.argsort(-scores, kind="stable")[n - k:]
+        assert set(np.flatnonzero(changed)) <= set(inferior[: min(k, n - k)].tolist())
+        expected_evolved += min(k, n - k)
+        # The element path rewrites, in a channel it changes, exactly the
+        # values equal to that channel's first smallest-magnitude element,
+        # all of them to the same value.
         if before.shape[0] > 1:
             for c in range(before.shape[1]):
                 for o in np.flatnonzero(changed):
                     moved = before[:, c, o] != after[:, c, o]
                     if moved.any():
-                        assert len(set(before[moved, c, o].tolist())) == 1
+                        smallest = before[np.argmin(np.abs(before[:, c, o])), c, o]
+                        np.testing.assert_array_equal(moved, before[:, c, o] == smallest)
                         assert len(set(after[moved, c, o].tolist())) == 1
-                        smallest = np.abs(before[:, c, o]).min()
-                        assert abs(before[moved, c, o][0]) == smallest
+    # Every pair is counted, changed or not (a crossover may leave a filter
+    # as it was, e.g. a zero denominator).
+    assert evolved == expected_evolved
     assert changed_filters <= evolved
 
 
@@ -106,7 +117,7 @@ def test_zero_ratio_changes_nothing_and_steps_are_deterministic(kernels, mode):
     assert first[1:] == second[1:]
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=16, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(0, 2**31 - 1), st.sampled_from(["paper", "reference"]))
 def test_evolve_on_real_layers_keeps_dominant_filters(seed, mode):
     rng = np.random.default_rng(seed)

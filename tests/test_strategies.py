@@ -857,6 +857,44 @@ def test_starvation_across_layers_and_epochs(mode, channel0, channel1):
     np.testing.assert_allclose(numpy(bns[0].gamma), [1.0, 0.75, 0.5, 0.85], rtol=1e-6)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_a_weak_layer_resets_the_counter_and_a_tie_at_the_local_threshold_is_weak(mode):
+    # Five 1x1 kernels (filter path), 4 filters of 2 input channels each;
+    # score = L1 / 2. Kernels 0, 1, 3, 4: filters [1, 3], [3, 1], [2, 2],
+    # [.5, 3.5], all score 2. Kernel 2: [6, 10], [10, 6], [1, 3], [3, 1],
+    # scores 8, 8, 2, 2. r = .9, N = 20: t = sorted[18] = 8.
+    # Local threshold .25 * max: 0.5 in the uniform kernels (L = 0: starved),
+    # exactly 2 in kernel 2, so its two filters of score 2 are weak (`<=`).
+    # K = 5, divisor 2: limit 2.5. Epoch 0, counters 1, 2, then 0 (kernel 2
+    # is weak: L = 2 resets it), 1, 2: nothing forced; kernel 2 evolves
+    # filter 2 <- 0 and 3 <- 1 with a = 4 / (4 + 16) = .2:
+    # [.2 + 4.8, .6 + 8] = [5, 8.6] and [8.6, 5].
+    # A counter that a weak layer does not reset would reach 3 at kernel 3
+    # and force it; `<` instead of `<=` would starve kernel 2 (counter 3)
+    # and force one filter there instead of two.
+    # Epoch 1 (counter 2): kernel 0 is forced (3 >= 2.5; filter 3 <- 0),
+    # kernel 1 -> 1; kernel 2 (scores 8, 8, 6.8, 6.8: no weak filter) -> 2;
+    # kernel 3 forced; kernel 4 -> 1.
+    convs = [built(keras.layers.Conv2D(4, 1, use_bias=False), (None, 3, 3, 2)) for _ in range(5)]
+    uniform = np.array([[1, 3], [3, 1], [2, 2], [0.5, 3.5]], "float32").T.reshape(1, 1, 2, 4)
+    tied = np.array([[6, 10], [10, 6], [1, 3], [3, 1]], "float32").T.reshape(1, 1, 2, 4)
+    for i, conv in enumerate(convs):
+        conv.kernel.assign(tied if i == 2 else uniform)
+    model = stack(convs)
+    targets = [(conv.kernel, "conv") for conv in convs]
+    hp = {"conv_ratio": 0.9, "local_ratio": 0.25, "schedule": constant_schedule}
+
+    report, state, changed = check_step(model, targets, 0, None, mode, hp)
+    assert state == {"conv_counter": 2, "gamma_counter": 0, "beta_counter": 0}
+    assert report.conv_evolved == 2 and changed == [False, False, True, False, False]
+    np.testing.assert_allclose(numpy(convs[2].kernel)[0, 0].T, [[6, 10], [10, 6], [5, 8.6], [8.6, 5]],
+                               rtol=1e-6)
+
+    report, state, changed = check_step(model, targets, 1, state, mode, hp)
+    assert state["conv_counter"] == 1
+    assert report.conv_evolved == 2 and changed == [True, False, False, True, False]
+
+
 @pytest.mark.parametrize(
     "kernels, divisor, limit", [(57, 2, 29), (57, 3, 19), (6, 4, 2), (5, 2, 3)]
 )

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import keras_we
-from tests.utils import LayerStack, evolve_after, kernels, small_cnn, tiny_cnn, toy_data
+from tests.utils import evolve_after, kernels, small_cnn, toy_data
 
 
 def test_fit_evolves_and_logs_figures(tmp_path):

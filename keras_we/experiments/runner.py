@@ -250,61 +250,93 @@ def train_run(config, out_dir, verbose=1):
             return json.load(f)
     os.makedirs(out_dir, exist_ok=True)
     recipe = config.recipe()
-    (x_train, y_train), (x_test, y_test) = load_data(config)
-    test = data_lib.CifarSequence(x_test, y_test, batch_size=500, augment=False, shuffle=False)
-
-    def network(seed, recipe, history_file):
-        """A compiled model, its training data and its callbacks, by seed."""
-        train = data_lib.CifarSequence(
-            x_train, y_train, batch_size=recipe.batch_size, augment=True, shuffle=True, seed=seed)
-        keras.utils.set_random_seed(seed)
-        model = models.get(config.model, classes=DATASETS[config.dataset], input_shape=x_train.shape[1:])
-        model.compile(
-            optimizer=recipe.optimizer(),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=["accuracy"],
-        )
-        callbacks = recipe.callbacks() + [
-            # The batches of epoch e are those of (seed, e), e being fit's
-            # epoch index, which BackupAndRestore sets when it resumes a
-            # run: the resumed run stays paired with the others.
-            data_lib.SyncEpoch(train),
-            keras.callbacks.CSVLogger(os.path.join(out_dir, history_file), append=True),
-        ]
-        return model, train, callbacks
-
+    data = load_data(config)
+    train = _train_grafted if config.method == GRAFTING else _train_one
     start = time.perf_counter()
-    # The sequences shuffle and augment by (seed, epoch); `shuffle=False`
-    # stops fit from reordering their batches with the global random state.
-    if config.method == GRAFTING:
-        rates = peers.grafting.learning_rates(recipe.learning_rate, GRAFTED_NETWORKS)
-        networks = [
-            network(config.seed + i * PEER_SEED_OFFSET, dataclasses.replace(recipe, learning_rate=rate),
-                    "history.csv" if i == 0 else f"history_network{i + 1}.csv")
-            for i, rate in enumerate(rates)
-        ]
-        grafted = [model for model, _, _ in networks]
-        peers.fit_grafted(
-            grafted, [train for _, train, _ in networks], epochs=recipe.epochs,
-            validation_data=test, callbacks=[callbacks for _, _, callbacks in networks],
-            backup_dir=os.path.join(out_dir, "backup"), shuffle=False, verbose=verbose,
-        )
-        model = grafted[0]
-    else:
-        model, train, callbacks = network(config.seed, recipe, "history.csv")
-        callbacks = method_callbacks(config.method, recipe, os.path.join(out_dir, "we_state"),
-                                     seed=config.seed) + callbacks
-        # After the method's callbacks, so the backup holds the weights
-        # they changed.
-        callbacks.insert(len(callbacks) - 1, keras.callbacks.BackupAndRestore(os.path.join(out_dir, "backup")))
-        model.fit(
-            train, validation_data=test, epochs=recipe.epochs, callbacks=callbacks,
-            shuffle=False, verbose=verbose,
-        )
+    model = train(config, recipe, data, out_dir, verbose)
     seconds = time.perf_counter() - start
     model.save(os.path.join(out_dir, "model.keras"))
+    record = _run_record(config, out_dir, seconds)
+    with open(finished + ".tmp", "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(finished + ".tmp", finished)
+    shutil.rmtree(os.path.join(out_dir, "we_state"), ignore_errors=True)
+    return record
 
-    history = read_history(os.path.join(out_dir, "history.csv"))
+
+def _network(config, recipe, data, seed, history_path):
+    """One network of a run, by seed: a compiled model, its training data
+    and its callbacks (the recipe's, `SyncEpoch`, a CSV log)."""
+    (x_train, y_train), _ = data
+    # The sequence shuffles and augments by (seed, epoch); fit is given
+    # `shuffle=False`, so it does not reorder the batches with the global
+    # random state.
+    train = data_lib.CifarSequence(
+        x_train, y_train, batch_size=recipe.batch_size, augment=True, shuffle=True, seed=seed)
+    keras.utils.set_random_seed(seed)
+    model = models.get(config.model, classes=DATASETS[config.dataset], input_shape=x_train.shape[1:])
+    model.compile(
+        optimizer=recipe.optimizer(),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    callbacks = recipe.callbacks() + [
+        # The batches of epoch e are those of (seed, e), e being fit's
+        # epoch index, which BackupAndRestore sets when it resumes a
+        # run: the resumed run stays paired with the others.
+        data_lib.SyncEpoch(train),
+        keras.callbacks.CSVLogger(history_path, append=True),
+    ]
+    return model, train, callbacks
+
+
+def _test_data(data):
+    _, (x_test, y_test) = data
+    return data_lib.CifarSequence(x_test, y_test, batch_size=500, augment=False, shuffle=False)
+
+
+def _train_one(config, recipe, data, out_dir, verbose):
+    """Trains a one-network run (every method but `grafting`); returns the model."""
+    model, train, callbacks = _network(
+        config, recipe, data, config.seed, os.path.join(out_dir, "history.csv"))
+    callbacks = method_callbacks(config.method, recipe, os.path.join(out_dir, "we_state"),
+                                 seed=config.seed) + callbacks
+    # After the method's callbacks, so the backup holds the weights they
+    # changed.
+    callbacks.insert(len(callbacks) - 1, keras.callbacks.BackupAndRestore(os.path.join(out_dir, "backup")))
+    model.fit(train, validation_data=_test_data(data), epochs=recipe.epochs, callbacks=callbacks,
+              shuffle=False, verbose=verbose)
+    return model
+
+
+def _history_files(config):
+    """The CSV logs of a run's networks, network 1's first."""
+    count = GRAFTED_NETWORKS if config.method == GRAFTING else 1
+    return ["history.csv"] + [f"history_network{i + 1}.csv" for i in range(1, count)]
+
+
+def _train_grafted(config, recipe, data, out_dir, verbose):
+    """Trains a `grafting` run's networks with `peers.fit_grafted`; returns
+    network 1."""
+    rates = peers.grafting.learning_rates(recipe.learning_rate, GRAFTED_NETWORKS)
+    networks = [
+        _network(config, dataclasses.replace(recipe, learning_rate=rate), data,
+                 config.seed + i * PEER_SEED_OFFSET, os.path.join(out_dir, history))
+        for i, (rate, history) in enumerate(zip(rates, _history_files(config)))
+    ]
+    grafted = [model for model, _, _ in networks]
+    peers.fit_grafted(
+        grafted, [train for _, train, _ in networks], epochs=recipe.epochs,
+        validation_data=_test_data(data), callbacks=[callbacks for _, _, callbacks in networks],
+        backup_dir=os.path.join(out_dir, "backup"), shuffle=False, verbose=verbose,
+    )
+    return grafted[0]
+
+
+def _run_record(config, out_dir, seconds):
+    """The content of a finished run's `run.json`."""
+    histories = [read_history(os.path.join(out_dir, name)) for name in _history_files(config)]
+    history = histories[0]
     record = {
         **dataclasses.asdict(config),
         "final_test_accuracy": history["test_accuracy"][-1],
@@ -318,13 +350,8 @@ def train_run(config, out_dir, verbose=1):
         record["networks"] = [
             {"final_test_accuracy": h["test_accuracy"][-1], "best_test_accuracy": max(h["test_accuracy"]),
              "test_accuracy": h["test_accuracy"]}
-            for h in [history] + [read_history(os.path.join(out_dir, f"history_network{i + 1}.csv"))
-                                  for i in range(1, GRAFTED_NETWORKS)]
+            for h in histories
         ]
-    with open(finished + ".tmp", "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(finished + ".tmp", finished)
-    shutil.rmtree(os.path.join(out_dir, "we_state"), ignore_errors=True)
     return record
 
 

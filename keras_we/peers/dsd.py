@@ -127,8 +127,7 @@ class DSD(AfterEpochCallback):
 
     def on_train_batch_end(self, batch, logs=None):
         if self._held is not None:
-            _ = self.model  # on JAX, reading the model puts the trained values in the variables
-            self._held.apply()
+            self.write_after_batch(self._held.apply)
 
     def _prune(self):
         kernels = prunable_kernels(self.model)

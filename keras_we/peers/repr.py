@@ -292,8 +292,7 @@ class RePr(AfterEpochCallback):
 
     def on_train_batch_end(self, batch, logs=None):
         if self._dropped:
-            self.model  # noqa: B018  (on JAX, reading `model` syncs the training state)
-            self._holder().apply()
+            self.write_after_batch(self._holder().apply)
 
     def drop(self, epoch):
         """Ranks the filters and drops the most redundant (see the class)."""
