@@ -63,6 +63,8 @@ def test_compare_writes_summary_table_and_plots(tmp_path, monkeypatch):
     assert set(runs) == {"baseline", "we-paper", "we-reference"}
     for run in runs.values():
         assert run["seed"] == 0 and run["epochs"] == 3
+        assert run["versions"]["keras"] == keras.__version__
+        assert set(run["versions"]) == {"keras_we", "keras", keras.backend.backend(), "numpy"}
         history = run["history"]
         assert len(history["test_accuracy"]) == 3
         assert run["final_test_accuracy"] == history["test_accuracy"][-1]

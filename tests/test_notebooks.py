@@ -24,6 +24,7 @@ NOTEBOOKS = {
     "03_custom_training_loop.ipynb": ("torch", "jax", "tensorflow"),
     "04_export_for_tf_serving.ipynb": ("tensorflow",),
     "05_reactivation_methods.ipynb": ("tensorflow",),
+    "06_fine_tuning_with_we.ipynb": ("tensorflow",),
 }
 
 

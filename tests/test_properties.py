@@ -19,7 +19,7 @@ from keras_we.evolution import EvolutionOptions, Evolver
 from keras_we.layers import Target
 
 SETTINGS = settings(
-    max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 
 

@@ -344,6 +344,7 @@ def _run_record(config, out_dir, seconds):
         "train_seconds": seconds,
         "relative_compute": relative_compute(config.method),
         "backend": keras.backend.backend(),
+        "versions": versions(),
         "history": history,
     }
     if config.method == GRAFTING:
@@ -353,6 +354,14 @@ def _run_record(config, out_dir, seconds):
             for h in histories
         ]
     return record
+
+
+def versions():
+    """The versions a run was trained with: keras_we, Keras, the backend and
+    NumPy (runs from different versions can differ at the same seed, so they
+    must not be paired)."""
+    names = ("keras_we", "keras", keras.backend.backend(), "numpy")
+    return {name: importlib.import_module(name).__version__ for name in names}
 
 
 def read_history(path):
