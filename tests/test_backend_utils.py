@@ -93,3 +93,12 @@ def test_variable_function_reads_and_writes():
     # the same); here `b` gets a new value, so the mask shows.
     want_b = 2.0 if keras.backend.backend() == "tensorflow" else 1.0
     np.testing.assert_array_equal(numpy(b), np.full(3, want_b))
+
+
+def test_stable_argsort_keeps_ties_in_index_order_on_numpy_too(monkeypatch):
+    """NumPy's default argsort may be an unstable SIMD sort; the NumPy
+    backend branch asks for a stable one (ties: dead filters' zero scores)."""
+    scores = np.array([2, 2, 2, 2, 8, 8, 2, 2] * 4, "float32")
+    want = np.argsort(-scores, kind="stable")
+    monkeypatch.setattr(keras.backend, "backend", lambda: "numpy")
+    np.testing.assert_array_equal(backend_utils.stable_argsort(-scores), want)

@@ -691,3 +691,17 @@ def test_make_datasets(tmp_path, no_env):
     assert train.augment and train.shuffle and train.seed == 2
     assert not test.augment and not test.shuffle
     assert len(train) == 4 and len(test) == 1
+
+
+def test_sequence_undoes_tensorflow_malloc_patch_at_each_epochs_first_batch(small, monkeypatch):
+    """On TensorFlow, `fit` reads a PyDataset through a generator dataset
+    that sets glibc's malloc thresholds (2x slower training); the sequence
+    sets them back as it serves batch 0, on TensorFlow only."""
+    calls = []
+    monkeypatch.setattr(data, "undo_tf_malloc_patch", lambda: calls.append(1))
+    x, y = small
+    sequence = data.CifarSequence(x, y, batch_size=128)
+    sequence[0], sequence[1], sequence[2], sequence[0]
+    assert len(calls) == (2 if keras.backend.backend() == "tensorflow" else 0)
+    monkeypatch.undo()
+    data.undo_tf_malloc_patch()  # the real one: harmless here, glibc or not

@@ -80,3 +80,21 @@ def test_notebook_runs(name, monkeypatch):
         for output in cell.get("outputs", []) if output.get("output_type") == "error"
     ]
     assert not errors
+
+
+def test_each_notebook_says_which_settings_its_outputs_come_from():
+    """`notebooks/execute.py` commits some notebooks executed with their smoke
+    settings; each notebook's introduction says which settings it shows."""
+    import importlib.util
+
+    pytest.importorskip("nbclient")
+    nbformat = pytest.importorskip("nbformat")
+    spec = importlib.util.spec_from_file_location("execute", NOTEBOOK_DIR / "execute.py")
+    execute = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(execute)
+    assert execute.SMOKE <= set(NOTEBOOKS)
+    for name in NOTEBOOKS:
+        intro = nbformat.read(NOTEBOOK_DIR / name, as_version=4).cells[2].source
+        smoke = "computed with the smoke settings" in intro
+        real = "computed with the parameters in the first cell" in intro
+        assert (smoke, real) == ((True, False) if name in execute.SMOKE else (False, True)), name

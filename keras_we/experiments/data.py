@@ -16,6 +16,7 @@ batches. This is what makes paired comparisons of training methods fair.
 """
 
 import ctypes
+import functools
 import math
 import os
 import sys
@@ -656,19 +657,28 @@ def undo_tf_malloc_patch():
     Any `mallopt` call also turns off glibc's dynamic mmap threshold, so from
     then on every buffer over 128 KB, every activation of a CIFAR ResNet
     among them, is mapped and unmapped again with each step. On 2 CPU cores
-    that made training 2.2x slower (62 against 137 images/s, 40 s against
-    5 s of system time; `benchmarks/malloc_patch.py`). Setting both
+    that made training 2.2x slower (62 against 138 images/s, 26.7 s against
+    3.5 s of system CPU; `benchmarks/malloc_patch.py`). Setting both
     thresholds to where the dynamic rule would have taken them (32 MB and
     64 MB) restores the speed. Does nothing off glibc.
     """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
+    libc = _glibc()
+    if libc is not None:
         libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
         libc.mallopt(_M_TRIM_THRESHOLD, 2 * _MMAP_THRESHOLD)
-    except (OSError, AttributeError):  # not glibc
-        pass
+
+
+@functools.cache
+def _glibc():
+    """glibc through ctypes, or None off Linux or on another C library."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt  # noqa: B018  (musl has no mallopt)
+    except (OSError, AttributeError):
+        return None
+    return libc
 
 
 class SyncEpoch(keras.callbacks.Callback):

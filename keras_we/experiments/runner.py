@@ -311,8 +311,8 @@ def _train_one(config, recipe, data, out_dir, verbose):
 
 def _history_files(config):
     """The CSV logs of a run's networks, network 1's first."""
-    count = GRAFTED_NETWORKS if config.method == GRAFTING else 1
-    return ["history.csv"] + [f"history_network{i + 1}.csv" for i in range(1, count)]
+    return ["history.csv"] + [f"history_network{i + 1}.csv"
+                              for i in range(1, relative_compute(config.method))]
 
 
 def _train_grafted(config, recipe, data, out_dir, verbose):
