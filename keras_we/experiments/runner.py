@@ -264,9 +264,11 @@ def train_run(config, out_dir, verbose=1):
     return record
 
 
-def _network(config, recipe, data, seed, history_path):
+def network(config, recipe, data, seed, history_path):
     """One network of a run, by seed: a compiled model, its training data
-    and its callbacks (the recipe's, `SyncEpoch`, a CSV log)."""
+    (a `CifarSequence`) and its callbacks (the recipe's, `SyncEpoch`, a CSV
+    log to `history_path`), without the method's. `fit` it with
+    `shuffle=False` and `validation_data=evaluation_sequence(data)`."""
     (x_train, y_train), _ = data
     # The sequence shuffles and augments by (seed, epoch); fit is given
     # `shuffle=False`, so it does not reorder the batches with the global
@@ -290,21 +292,22 @@ def _network(config, recipe, data, seed, history_path):
     return model, train, callbacks
 
 
-def _test_data(data):
+def evaluation_sequence(data):
+    """The test images of `data` as the runner evaluates them (batches of 500)."""
     _, (x_test, y_test) = data
     return data_lib.CifarSequence(x_test, y_test, batch_size=500, augment=False, shuffle=False)
 
 
 def _train_one(config, recipe, data, out_dir, verbose):
     """Trains a one-network run (every method but `grafting`); returns the model."""
-    model, train, callbacks = _network(
+    model, train, callbacks = network(
         config, recipe, data, config.seed, os.path.join(out_dir, "history.csv"))
     callbacks = method_callbacks(config.method, recipe, os.path.join(out_dir, "we_state"),
                                  seed=config.seed) + callbacks
     # After the method's callbacks, so the backup holds the weights they
     # changed.
     callbacks.insert(len(callbacks) - 1, keras.callbacks.BackupAndRestore(os.path.join(out_dir, "backup")))
-    model.fit(train, validation_data=_test_data(data), epochs=recipe.epochs, callbacks=callbacks,
+    model.fit(train, validation_data=evaluation_sequence(data), epochs=recipe.epochs, callbacks=callbacks,
               shuffle=False, verbose=verbose)
     return model
 
@@ -320,14 +323,14 @@ def _train_grafted(config, recipe, data, out_dir, verbose):
     network 1."""
     rates = peers.grafting.learning_rates(recipe.learning_rate, GRAFTED_NETWORKS)
     networks = [
-        _network(config, dataclasses.replace(recipe, learning_rate=rate), data,
+        network(config, dataclasses.replace(recipe, learning_rate=rate), data,
                  config.seed + i * PEER_SEED_OFFSET, os.path.join(out_dir, history))
         for i, (rate, history) in enumerate(zip(rates, _history_files(config)))
     ]
     grafted = [model for model, _, _ in networks]
     peers.fit_grafted(
         grafted, [train for _, train, _ in networks], epochs=recipe.epochs,
-        validation_data=_test_data(data), callbacks=[callbacks for _, _, callbacks in networks],
+        validation_data=evaluation_sequence(data), callbacks=[callbacks for _, _, callbacks in networks],
         backup_dir=os.path.join(out_dir, "backup"), shuffle=False, verbose=verbose,
     )
     return grafted[0]

@@ -1,0 +1,133 @@
+"""Training throughput: keras-we's runner on each backend against the PyTorch reference.
+
+    python benchmarks/throughput.py                       # ResNet-20, 5,120 images, 3 epochs
+    python benchmarks/throughput.py --backends tensorflow --epochs 4 --depth 56
+
+Each row is one run in its own process, one after the other, on the same
+model, batch, data and machine:
+
+- keras-we: the runner's network (`keras_we.experiments.runner.network`:
+  the CIFAR ResNet, `PaperSGD`, the seeded `CifarSequence` with its
+  crops and flips, the learning-rate steps) fit with the test set as
+  validation data, as `keras-we compare` trains a baseline run;
+- PyTorch: `benchmarks/torch_reference.py`, the same recipe in plain
+  PyTorch with the data and augmentation on the device.
+
+An epoch is the training images plus an evaluation of the test images;
+images/s is the training images over the median epoch time, epoch 0 (which
+compiles) excluded. The ratio is keras-we's images/s over PyTorch's, so
+>= 1.0 means keras-we is at least as fast. Runs are single measurements:
+repeat the command to see the machine's noise.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BACKENDS = ("tensorflow", "jax", "torch")
+
+
+def keras_run(depth, train_size, test_size, epochs, batch_size, seed):
+    """One keras-we run in this process; returns its epoch seconds."""
+    import keras
+
+    from keras_we.experiments import runner
+
+    config = runner.RunConfig(f"resnet{depth}", "cifar10", "baseline", seed, epochs, train_size,
+                              test_size, batch_size)
+    recipe = config.recipe()
+    data = runner.load_data(config)
+    model, train, callbacks = runner.network(config, recipe, data, seed, os.devnull)
+    seconds = []
+
+    class EpochTimer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            seconds.append(time.perf_counter() - self.start)
+
+    model.fit(train, validation_data=runner.evaluation_sequence(data), epochs=epochs,
+              callbacks=callbacks + [EpochTimer()], shuffle=False, verbose=0)
+    return seconds
+
+
+def torch_run(depth, train_size, test_size, epochs, batch_size, seed):
+    sys.path.insert(0, HERE)
+    import torch_reference
+
+    data = torch_reference.load_cifar("cifar10", train_size=train_size, test_size=test_size)
+    return torch_reference.train(data, depth, epochs, seed, batch_size)["epoch_seconds"]
+
+
+def child(args):
+    """Runs one row (in a subprocess) and prints its JSON."""
+    run = torch_run if args.child == "pytorch" else keras_run
+    seconds = run(args.depth, args.train_size, args.test_size, args.epochs, args.batch_size, args.seed)
+    print("RESULT " + json.dumps({"epoch_seconds": seconds}), flush=True)
+
+
+def measure(trainer, backend, args):
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+    command = [sys.executable, os.path.abspath(__file__), "--child", trainer,
+               "--depth", str(args.depth), "--train-size", str(args.train_size),
+               "--test-size", str(args.test_size), "--epochs", str(args.epochs),
+               "--batch-size", str(args.batch_size), "--seed", str(args.seed)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode or not lines:
+        sys.stderr.write(done.stdout[-3000:] + done.stderr[-3000:])
+        raise RuntimeError(f"{trainer} on {backend} failed (exit {done.returncode})")
+    seconds = json.loads(lines[-1][len("RESULT "):])["epoch_seconds"]
+    steady = seconds[1:] or seconds
+    return {"trainer": trainer, "backend": backend, "epoch_seconds": seconds,
+            "images_per_second": args.train_size / statistics.median(steady)}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backends", default=",".join(BACKENDS),
+                        help=f"keras-we rows, comma-separated among {', '.join(BACKENDS)}")
+    parser.add_argument("--depth", type=int, default=20)
+    parser.add_argument("--train-size", type=int, default=5120)
+    parser.add_argument("--test-size", type=int, default=1000)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="also write the rows to this JSON file")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        return child(args)
+    backends = args.backends.split(",")
+    unknown = sorted(set(backends) - set(BACKENDS))
+    if unknown:
+        parser.error(f"--backends must name among {', '.join(BACKENDS)}; got {', '.join(unknown)}")
+    if args.epochs < 2:
+        parser.error("--epochs must be at least 2 (epoch 0 compiles and is not timed)")
+    print(f"ResNet-{args.depth}, {args.train_size} training + {args.test_size} test images an epoch, "
+          f"batch {args.batch_size}, {args.epochs} epochs (the first not timed), {os.cpu_count()} CPUs",
+          flush=True)
+    rows = [measure("pytorch", "torch", args)]
+    rows += [measure("keras-we", backend, args) for backend in backends]
+    reference = rows[0]["images_per_second"]
+    print("| trainer | backend | images/s | ratio to PyTorch | epoch seconds |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        epochs = ", ".join(f"{s:.1f}" for s in row["epoch_seconds"])
+        backend = "(plain PyTorch)" if row["trainer"] == "pytorch" else row["backend"]
+        print(f"| {row['trainer']} | {backend} | {row['images_per_second']:.0f} | "
+              f"{row['images_per_second'] / reference:.2f} | {epochs} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"settings": vars(args), "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
