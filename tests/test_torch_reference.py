@@ -79,8 +79,11 @@ def _float64():
 
 
 def _keras_model(dtype, optimizer=None):
-    floatx = keras.config.floatx()
+    # Both: floatx for the loss and the inputs, the policy for the layers
+    # (a test that set a policy and put back float32 leaves it set).
+    floatx, policy = keras.config.floatx(), keras.config.dtype_policy()
     keras.config.set_floatx(dtype)
+    keras.config.set_dtype_policy(dtype)
     try:
         keras.utils.set_random_seed(3)
         model = models.cifar_resnet(20)
@@ -89,6 +92,7 @@ def _keras_model(dtype, optimizer=None):
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     finally:
         keras.config.set_floatx(floatx)
+        keras.config.set_dtype_policy(policy)
     return model
 
 
