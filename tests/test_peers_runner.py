@@ -123,6 +123,10 @@ def test_compare_runs_the_peers_paired_with_the_baseline(tmp_path, monkeypatch):
         assert coefficients[0] == 0 and all(0.1 < c < 0.9 for c in coefficients[1:]), coefficients
     table = {row["method"]: row for row in summary["table"]}
     assert table["grafting"]["relative_compute"] == 2 and table["repr"]["relative_compute"] == 1
-    assert table["grafting"]["relative_time"] > 1.2  # it trained twice as many networks
-    assert "| grafting | 1 | 2× |" in open(os.path.join(out, "table.md")).read()
+    # The time column is measured, not asserted on: a tiny run's wall time is
+    # dominated by compilation and by what else the machine does (CI saw
+    # grafting at 0.46x the baseline's here). It must be the paired ratio.
+    ratio = runs["grafting"]["train_seconds"] / runs["baseline"]["train_seconds"]
+    assert runs["baseline"]["train_seconds"] > 0 and table["grafting"]["relative_time"] == pytest.approx(ratio)
+    assert f"| grafting | 1 | 2× | {ratio:.2f}× |" in open(os.path.join(out, "table.md")).read()
 
