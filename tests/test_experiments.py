@@ -61,10 +61,12 @@ def test_compare_writes_summary_table_and_plots(tmp_path, monkeypatch):
     summary = json.load(open(os.path.join(out, "summary.json")))
     runs = {r["method"]: r for r in summary["runs"]}
     assert set(runs) == {"baseline", "we-paper", "we-reference"}
+    assert summary["mismatched_pairs"] == []
     for run in runs.values():
         assert run["seed"] == 0 and run["epochs"] == 3
         assert run["versions"]["keras"] == keras.__version__
         assert set(run["versions"]) == {"keras_we", "keras", keras.backend.backend(), "numpy"}
+        assert run["machine"] == runner.machine() and run["machine"]["cores"] == os.cpu_count()
         history = run["history"]
         assert len(history["test_accuracy"]) == 3
         assert run["final_test_accuracy"] == history["test_accuracy"][-1]
@@ -106,6 +108,33 @@ def test_compare_writes_summary_table_and_plots(tmp_path, monkeypatch):
         for label, x, y in lines:
             assert x == [1.0, 2.0, 3.0]
             assert y == pytest.approx(runs[label]["history"][key])
+
+
+def test_pairs_across_versions_or_machines_are_flagged(tmp_path, capsys):
+    """A paired difference between runs of different versions or machines
+    compares more than the method; the summary lists such pairs and warns."""
+    here = {"versions": runner.versions(), "machine": runner.machine()}
+    elsewhere = dict(here, machine=dict(here["machine"], isa=["avx2"]))
+    older = dict(here, versions=dict(here["versions"], keras="3.0.0"))
+
+    def run(method, seed, accuracy, environment):
+        history = {"epoch": [0], "test_accuracy": [accuracy], "train_loss": [1.0], "test_loss": [1.0],
+                   "learning_rate": [0.1], "items_evolved": [0]}
+        return {"method": method, "seed": seed, "final_test_accuracy": accuracy,
+                "best_test_accuracy": accuracy, "train_seconds": 1.0, "history": history,
+                **environment}
+
+    runs = [run("baseline", 0, 0.5, here), run("we-reference", 0, 0.6, elsewhere),
+            run("baseline", 1, 0.5, here), run("we-reference", 1, 0.4, older),
+            run("baseline", 2, 0.5, here), run("we-paper", 2, 0.5, here),
+            run("we-paper", 3, 0.5, {})]  # recorded before `machine`: unknown
+    summary = runner.summarize(runs, str(tmp_path), plots=False)
+    assert summary["mismatched_pairs"] == [
+        "we-reference seed 0: machine differ from the baseline's",
+        "we-reference seed 1: versions differ from the baseline's",
+    ]
+    assert "mismatched_pairs" in capsys.readouterr().err
+    assert json.load(open(tmp_path / "summary.json"))["mismatched_pairs"] == summary["mismatched_pairs"]
 
 
 def test_a_run_that_raises_is_recorded_and_the_others_are_summarized(tmp_path, capsys, monkeypatch):

@@ -17,6 +17,7 @@ import importlib
 import json
 import math
 import os
+import platform
 import shutil
 import statistics
 import sys
@@ -348,6 +349,7 @@ def _run_record(config, out_dir, seconds):
         "relative_compute": relative_compute(config.method),
         "backend": keras.backend.backend(),
         "versions": versions(),
+        "machine": machine(),
         "history": history,
     }
     if config.method == GRAFTING:
@@ -365,6 +367,63 @@ def versions():
     must not be paired)."""
     names = ("keras_we", "keras", keras.backend.backend(), "numpy")
     return {name: importlib.import_module(name).__version__ for name in names}
+
+
+# Instruction-set extensions that change which CPU kernels oneDNN and XLA
+# pick, and so a run's numbers at the same seed.
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def machine():
+    """What a run was trained on: the CPU's model and its instruction-set
+    extensions among `ISA_FLAGS`, the core count, and the devices Keras
+    sees. The same seed, code and versions give different numbers on CPUs
+    whose extensions differ (measured: a CPU-preset baseline ended at
+    38.54% on one machine of this project and 35.58% on another), so such
+    runs must not be paired either."""
+    cpu, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    cpu = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:  # not Linux: the model alone
+        pass
+    return {"cpu": cpu, "isa": [flag for flag in ISA_FLAGS if flag in flags],
+            "cores": os.cpu_count(), "devices": _devices()}
+
+
+def _devices():
+    """The devices the backend computes on, e.g. `["cpu:0"]` or `["cuda:0"]`
+    (Keras's `list_devices` has no PyTorch version)."""
+    if keras.backend.backend() != "torch":
+        return keras.distribution.list_devices()
+    import torch
+
+    gpus = [f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())]
+    return gpus or ["cpu:0"]
+
+
+def mismatched_pairs(runs):
+    """The runs whose seed's baseline was trained with other versions or on
+    another machine (see `machine`): their paired differences compare more
+    than the method. Runs recorded before `machine` existed count as
+    unknown and are not listed."""
+    baselines = {r["seed"]: r for r in runs if r["method"] == "baseline"}
+    mismatched = []
+    for run in runs:
+        baseline = baselines.get(run["seed"])
+        if run["method"] == "baseline" or baseline is None:
+            continue
+        for key in ("versions", "machine"):
+            if key in run and key in baseline and run[key] != baseline[key]:
+                mismatched.append(f"{run['method']} seed {run['seed']}: {key} differ from the baseline's")
+                break
+    return mismatched
 
 
 def read_history(path):
@@ -449,7 +508,12 @@ def summarize(runs, out_dir, failed=(), plots=True):
             dicts; recorded under `"failed"` in `summary.json`.
     """
     table = summary_table(runs)
-    summary = {"runs": runs, "table": table, "failed": list(failed)}
+    mismatched = mismatched_pairs(runs)
+    summary = {"runs": runs, "table": table, "failed": list(failed), "mismatched_pairs": mismatched}
+    if mismatched:
+        print("Warning: some paired differences compare runs from different versions or "
+              "machines (see summary.json's `mismatched_pairs`):\n  " + "\n  ".join(mismatched),
+              file=sys.stderr, flush=True)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
