@@ -19,7 +19,11 @@ def test_methods_list_every_peer_once():
     assert len(set(methods)) == len(methods)
     for method in ("baseline", "we-paper", "we-reference", *PEERS):
         assert method in methods
-    assert [runner.relative_compute(m) for m in ("baseline", "we-reference", "repr", "grafting")] == [1, 1, 1, 2]
+    assert [runner.relative_compute(m) for m in ("baseline", "we-reference", "repr", "grafting",
+                                                  "grafting-alone")] == [1, 1, 1, 2, 1]
+    # grafting's control: network 1's learning rate, no callback.
+    assert runner.RunConfig(method="grafting-alone", epochs=8).recipe().learning_rate == pytest.approx(0.05)
+    assert runner.RunConfig(method="baseline", epochs=8).recipe().learning_rate == 0.1
     with pytest.raises(ValueError, match="`method`.*'grafting'"):
         runner.relative_compute("graft")
 
@@ -40,6 +44,7 @@ def test_method_callbacks_make_each_peer_for_the_recipe(tmp_path):
     [repr_] = runner.method_callbacks("repr", recipe, str(tmp_path))
     assert (repr_.train_epochs, repr_.prune_epochs, repr_.last_epoch) == (1, 1, 7)
     assert runner.method_callbacks("grafting", recipe) == []
+    assert runner.method_callbacks("grafting-alone", recipe) == []
     assert runner.method_callbacks("baseline", recipe) == []
 
 
@@ -68,7 +73,7 @@ def test_compare_runs_the_peers_paired_with_the_baseline(tmp_path, monkeypatch):
     # Three epochs: RePr drops after epoch 0 and re-initializes after epoch 1;
     # DSD prunes after epoch 0 and lifts the mask after epoch 1; the
     # single-network graftings graft after epochs 0 and 1.
-    methods = "baseline,graft-noise,graft-internal,repr,dsd,grafting"
+    methods = "baseline,graft-noise,graft-internal,repr,dsd,grafting,grafting-alone"
     code = cli.main(
         ["compare", "--model", "resnet20", "--methods", methods, "--seeds", "0",
          "--epochs", "3", "--train-size", "200", "--test-size", "100", "--batch-size", "50",
@@ -121,6 +126,13 @@ def test_compare_runs_the_peers_paired_with_the_baseline(tmp_path, monkeypatch):
         # a = 0.4 around 0.5, never 0 or 1), not merely trained side by side.
         coefficients = [float(r["graft_coefficient_mean"]) for r in log]
         assert coefficients[0] == 0 and all(0.1 < c < 0.9 for c in coefficients[1:]), coefficients
+    # Its control trains network 1 alone: the same first epoch (grafting
+    # acts only after it), at the same learning rate, then apart.
+    alone = runs["grafting-alone"]
+    assert alone["relative_compute"] == 1
+    assert alone["history"]["learning_rate"] == grafting["history"]["learning_rate"]
+    assert alone["history"]["train_loss"][0] == pytest.approx(grafting["history"]["train_loss"][0], rel=1e-5)
+    assert alone["history"]["train_loss"][2] != pytest.approx(grafting["history"]["train_loss"][2], rel=1e-4)
     table = {row["method"]: row for row in summary["table"]}
     assert table["grafting"]["relative_compute"] == 2 and table["repr"]["relative_compute"] == 1
     # The time column is measured, not asserted on: a tiny run's wall time is

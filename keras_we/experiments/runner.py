@@ -46,6 +46,10 @@ PEER_METHODS = {
 # network 1 is the paired one; network i > 1 takes seed + (i - 1) * 1000.
 GRAFTING = "grafting"
 GRAFTED_NETWORKS = 2
+# Its control: grafting's network 1 trained alone (the baseline at the
+# learning rate grafting gives network 1, 0.05 for K = 2), so that the
+# grafting's effect can be told from the lower learning rate's.
+GRAFTING_ALONE = "grafting-alone"
 PEER_SEED_OFFSET = 1000
 DATASETS = {"cifar10": 10, "cifar100": 100}
 RUN_FILE = "run.json"
@@ -175,7 +179,13 @@ class RunConfig:
         return f"{self.model}_{self.method}_seed{self.seed}"
 
     def recipe(self):
-        return Recipe(epochs=self.epochs, batch_size=self.batch_size)
+        """The paper's recipe for this run; `grafting-alone` takes the
+        learning rate `grafting` gives its network 1."""
+        recipe = Recipe(epochs=self.epochs, batch_size=self.batch_size)
+        if self.method == GRAFTING_ALONE:
+            rate = peers.grafting.learning_rates(recipe.learning_rate, GRAFTED_NETWORKS)[0]
+            recipe = dataclasses.replace(recipe, learning_rate=rate)
+        return recipe
 
 
 def load_data(config):
@@ -192,8 +202,10 @@ def methods():
     """The methods a run can use: `baseline`, `we-<mode>` for every
     registered crossover mode (`keras_we.crossovers`), and the peers
     (`keras_we.peers`): `graft-noise`, `graft-internal`, `repr`, `dsd` and
-    `grafting` (external, K networks)."""
-    return (BASELINE, *(f"we-{name}" for name in crossovers.names()), *PEER_METHODS, GRAFTING)
+    `grafting` (external, K networks), with its control `grafting-alone`
+    (network 1 of `grafting`, at its learning rate, not grafted)."""
+    return (BASELINE, *(f"we-{name}" for name in crossovers.names()), *PEER_METHODS, GRAFTING,
+            GRAFTING_ALONE)
 
 
 def relative_compute(method):
