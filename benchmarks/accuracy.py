@@ -2,7 +2,7 @@
 
     python benchmarks/accuracy.py --preset cpu --out runs/cpu      # about 20 min, 2 CPU cores
     python benchmarks/accuracy.py --preset cpu --out runs/peers \
-        --methods baseline,we-reference,graft-noise,graft-internal,grafting,repr,dsd  # WE and its peers
+        --methods baseline,we-reference,graft-noise,graft-internal,grafting,grafting-alone,repr,dsd  # WE and its peers
     python benchmarks/accuracy.py --preset paper --out runs/paper  # a GPU, 200 epochs
     python benchmarks/accuracy.py --preset smoke --out runs/smoke  # a check, a few minutes
 
