@@ -215,3 +215,42 @@ def test_keyboard_interrupt_stops_the_comparison(tmp_path, training):
     with pytest.raises(KeyboardInterrupt):
         cli.main(["compare", *TINY_ARGS, "--out", str(tmp_path / "cmp")])
     assert [c.method for c in training.configs] == ["baseline", "we-paper"]
+
+
+def test_run_options_reach_every_run_and_the_setting_line(tmp_path, capsys, monkeypatch, training):
+    """The options for accelerators: every run gets them, the setting line
+    says them, and `--parallel` reaches `runner.compare`."""
+    asked, real_compare = [], runner.compare
+
+    def compare(configs, out_dir, verbose=1, plots=True, parallel=1):
+        asked.append(parallel)
+        return real_compare(configs, out_dir, verbose=verbose, plots=plots)  # one at a time (fake training)
+
+    monkeypatch.setattr(runner, "compare", compare)
+    steps = "1" if runner.keras.backend.backend() == "torch" else "4"  # torch: 1 step per call
+    out = str(tmp_path / "fast")
+    assert cli.main(["compare", *TINY_ARGS, "--out", out, "--steps-per-execution", steps, "--jit-compile",
+                     "off", "--dtype-policy", "mixed_bfloat16", "--augment", "device", "--parallel", "2"]) == 0
+    assert asked == [2]
+    assert {(c.steps_per_execution, c.jit_compile, c.dtype_policy, c.augment) for c in training.configs} == {
+        (int(steps), "off", "mixed_bfloat16", "device")}
+    line = setting_line(capsys.readouterr().out)
+    assert (f"steps/execution {steps}, jit_compile off, dtype mixed_bfloat16, augment device; "
+            f"2 runs at once; out {out}") in line
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert {r["dtype_policy"] for r in summary["runs"]} == {"mixed_bfloat16"}
+    # The defaults: every preset's.
+    assert cli.main(["train", "--out", str(tmp_path / "one"), "--quiet"]) == 0
+    config = training.configs[-1]
+    assert (config.steps_per_execution, config.jit_compile, config.dtype_policy, config.augment) == (
+        1, "auto", "float32", "host")
+    line = setting_line(capsys.readouterr().out)
+    assert "steps/execution 1, jit_compile auto, dtype float32, augment host; out" in line
+
+
+def test_steps_per_execution_with_dsd_fails_at_once_saying_why(tmp_path, capsys, training):
+    code = cli.main(["compare", "--methods", "dsd,baseline", "--steps-per-execution", "2",
+                     "--out", str(tmp_path / "x")])
+    assert code == 2 and training.configs == []
+    err = capsys.readouterr().err
+    assert "`steps_per_execution` must be 1 with method 'dsd', which acts after every batch" in err

@@ -419,6 +419,25 @@ def test_sequence_shuffle_and_augment(small):
         assert find_crop(x[rows[i]], pixels[i])
 
 
+def test_sequence_without_normalization_serves_the_same_uint8_pixels(small):
+    """`normalize=False` (for a model that normalizes, such as one behind
+    `DeviceAugmentation`): the same order, crops and flips, as uint8."""
+    x, y = small
+    for augment in (False, True):
+        kwargs = dict(batch_size=64, augment=augment, shuffle=True, seed=5)
+        raw = data.CifarSequence(x, y, normalize=False, **kwargs)
+        normalized = data.CifarSequence(x, y, **kwargs)
+        raw.epoch = normalized.epoch = 2
+        for index in (0, 4):  # batch 4 is the last, of 44 images
+            pixels, labels = raw[index]
+            images, expected_labels = normalized[index]
+            assert pixels.dtype == np.uint8 and pixels.shape == images.shape
+            np.testing.assert_array_equal(labels, expected_labels)
+            np.testing.assert_array_equal(data.normalize(pixels), images)
+        if not augment:
+            np.testing.assert_array_equal(raw[1][0], x[raw.order(2)[64:128]])
+
+
 def test_sequence_determinism(small):
     """A batch depends only on (seed, epoch, index): not on the instance,
     the order batches are asked in, or the epochs visited before."""

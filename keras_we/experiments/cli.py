@@ -84,6 +84,19 @@ def build_parser():
                          "(default: $KERAS_WE_DATA_DIR, else keras.datasets)")
         sub.add_argument("--out", required=True, help="output folder")
         sub.add_argument("--quiet", action="store_true", help="no progress bars")
+        options = sub.add_argument_group("how the runs train (the defaults are every preset's)")
+        options.add_argument("--steps-per-execution", type=_positive,
+                             help="training steps per call into the compiled step (default: 1; "
+                                  "not with the torch backend, nor with repr or dsd)")
+        options.add_argument("--jit-compile", choices=tuple(runner.JIT_COMPILE),
+                             help="compile the step with XLA (torch: torch.compile); "
+                                  "default: auto, Keras's choice")
+        options.add_argument("--dtype-policy", choices=runner.DTYPE_POLICIES,
+                             help="the network's dtype policy (default: float32)")
+        options.add_argument("--augment", choices=runner.AUGMENT,
+                             help="where the training images are augmented: host (NumPy, the "
+                                  "default) or device (uint8 batches, augmented in the training "
+                                  "step; other crops than host)")
 
     def described(text):
         # The epilog's list of presets keeps its lines; so the description is wrapped here.
@@ -106,6 +119,9 @@ def build_parser():
     compare.add_argument("--methods", type=_choices_list(runner.methods()),
                          help="comma-separated (default: the preset's)")
     compare.add_argument("--seeds", type=_int_list, help="comma-separated (default: the preset's)")
+    compare.add_argument("--parallel", type=_positive, default=1,
+                         help="runs trained at once, each in its own process, printing one line "
+                              "per epoch; its whole output in OUT/runs/<run>/train.log (default: 1)")
 
     export = commands.add_parser("export", help="export a run's model.keras for TF-Serving")
     export.add_argument("run_dir", help="a finished run folder (holds model.keras)")
@@ -131,10 +147,13 @@ def main(argv=None):
     if args.command == "train":
         models = models[:1]
         settings.update(methods=(args.method,), seeds=(args.seed,))
+    options = {key: getattr(args, key) for key in runner.OPTION_NAMES if getattr(args, key) is not None}
     verbose = 0 if args.quiet else 1
     try:
-        plans = {model: runner.plan(model=model, data_dir=args.data_dir, **settings) for model in models}
-        print(describe(args.command, args.preset, models, settings, args.out), flush=True)
+        plans = {model: runner.plan(model=model, data_dir=args.data_dir, **settings, **options)
+                 for model in models}
+        print(describe(args.command, args.preset, models, settings, args.out,
+                       next(iter(plans.values()))[0], getattr(args, "parallel", 1)), flush=True)
         # Everything that could fail later fails now, before any training.
         runner.check_requirements(plots=args.command == "compare")
         runner.check_data(next(iter(plans.values()))[0])
@@ -150,7 +169,7 @@ def main(argv=None):
     for model, configs in plans.items():
         out = args.out if len(plans) == 1 else os.path.join(args.out, model)
         # The table is printed before plotting, so a failing plot loses nothing.
-        summary = runner.compare(configs, out, verbose=verbose, plots=False)
+        summary = runner.compare(configs, out, verbose=verbose, plots=False, parallel=args.parallel)
         failed += summary["failed"]
         print(f"\n{model} on {settings['dataset']}, {settings['epochs']} epochs "
               f"({len(summary['runs'])} of {len(configs)} runs finished; tables in {out}):")
@@ -172,8 +191,9 @@ def main(argv=None):
     return status
 
 
-def describe(command, preset, models, settings, out):
-    """The effective setting of a `train` or `compare` call, in one line."""
+def describe(command, preset, models, settings, out, config=None, parallel=1):
+    """The effective setting of a `train` or `compare` call, in one line;
+    with `config` (one of its runs), also how the runs train."""
 
     def size(value):
         return ALL if value is None else str(value)
@@ -185,7 +205,12 @@ def describe(command, preset, models, settings, out):
         f"{settings['dataset']}, train {size(settings['train_size'])} / test {size(settings['test_size'])} "
         f"images; {settings['epochs']} epochs, batch {settings['batch_size']}; "
         f"{methods} {','.join(settings['methods'])}; {seeds} {','.join(map(str, settings['seeds']))}; "
-        f"backend {keras.backend.backend()}; out {out}"
+        f"backend {keras.backend.backend()}"
+        + ("" if config is None else
+           f"; steps/execution {config.steps_per_execution}, jit_compile {config.jit_compile}, "
+           f"dtype {config.dtype_policy}, augment {config.augment}")
+        + (f"; {parallel} runs at once" if parallel > 1 else "")
+        + f"; out {out}"
     )
 
 

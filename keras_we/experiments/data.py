@@ -402,6 +402,142 @@ def _crop(images, offsets, flips, padding):
     return crops
 
 
+# ------------------------------------------------- augmentation on the device
+
+
+def device_crop(images, offsets, flips, padding=4):
+    """`_crop()` with `keras.ops`, on a backend tensor: the crops of the
+    zero-padded `images` at `offsets` (`(n, 2)` integers, row and column
+    into the padded image), flipped left-right where `flips` (`(n,)`
+    booleans). Pure gathers, so the pixels equal NumPy's exactly.
+
+    Args:
+        images: uint8 tensor, `(n, height, width, channels)`.
+        offsets: integer tensor, `(n, 2)`, each in `[0, 2 * padding]`.
+        flips: boolean tensor, `(n,)`.
+        padding: Non-negative integer. Defaults to `4`.
+
+    Returns:
+        uint8 tensor of the shape of `images`.
+    """
+    from keras import ops
+
+    height, width, channels = images.shape[1:]
+    n = ops.shape(images)[0]
+    padded = ops.pad(images, [[0, 0], [padding, padding], [padding, padding], [0, 0]])
+    offsets = ops.cast(offsets, "int32")
+    rows = offsets[:, :1] + ops.arange(height, dtype="int32")[None]
+    columns = ops.arange(width, dtype="int32")[None]
+    columns = offsets[:, 1:] + ops.where(flips[:, None], width - 1 - columns, columns)
+    rows = ops.broadcast_to(rows[:, :, None, None], (n, height, width + 2 * padding, channels))
+    crops = ops.take_along_axis(padded, rows, axis=1)
+    columns = ops.broadcast_to(columns[:, None, :, None], (n, height, width, channels))
+    return ops.take_along_axis(crops, columns, axis=2)
+
+
+def device_normalize(images, table):
+    """`normalize()` with `keras.ops`: uint8 `images` `(..., channels)`
+    looked up in `table` (`_normalization_table`, `(channels, 256)`
+    float32), so the values equal NumPy's exactly. Returns float32."""
+    from keras import ops
+
+    channels = table.shape[0]
+    index = ops.cast(images, "int32") + 256 * ops.arange(channels, dtype="int32")
+    return ops.take(ops.convert_to_tensor(table.reshape(-1)), index)
+
+
+@keras.saving.register_keras_serializable(package="keras_we")
+class DeviceAugmentation(keras.layers.Layer):
+    """The paper's augmentation and normalization inside the training step.
+
+    Takes uint8 images `(n, height, width, channels)`. In training, each
+    image is padded with `padding` zero pixels, cropped back at a random
+    offset and flipped left-right with probability 1/2, as `augment()`
+    (`device_crop`); in training and inference, it is then normalized as
+    `normalize()`, to the same float32 values (`device_normalize`).
+
+    The draws come from the layer's own `keras.random.SeedGenerator(seed)`,
+    one training batch after the other: `randint((n, 2), 0, 2 * padding +
+    1)` (the offsets), then `uniform((n,)) < 0.5` (the flips). Nothing else
+    draws from it, so two models whose layer has the same seed, trained
+    for the same steps on the same uint8 batches, see the same crops and
+    flips, whatever a callback does between epochs (Weight Evolution draws
+    nothing). The generator's state is saved with the layer's weights
+    (`save_weights`, so `keras.callbacks.BackupAndRestore` too), so a
+    resumed `fit` goes on with the draws of an uninterrupted one.
+
+    The draws are not `CifarSequence`'s NumPy ones: runs augmented on the
+    device pair with each other, not with runs augmented on the host.
+
+    Args:
+        seed: Non-negative integer seeding the draws. Defaults to `0`.
+        padding: Non-negative integer. Defaults to `4`.
+        mean: Per-channel means. Defaults to `CIFAR_MEAN`.
+        std: Per-channel standard deviations. Defaults to `CIFAR_STD`.
+        **kwargs: `keras.layers.Layer` arguments (`name`); the layer
+            computes in float32 whatever the dtype policy.
+
+    Example:
+
+    ```python
+    inputs = keras.Input((32, 32, 3), dtype="uint8")
+    model = keras.Model(inputs, network(DeviceAugmentation(seed=0)(inputs)))
+    train = CifarSequence(x, y, shuffle=True, seed=0, normalize=False)
+    model.fit(train, shuffle=False, callbacks=[SyncEpoch(train)], ...)
+    ```
+    """
+
+    def __init__(self, seed=0, padding=4, mean=CIFAR_MEAN, std=CIFAR_STD, **kwargs):
+        kwargs["dtype"] = "float32"
+        super().__init__(**kwargs)
+        _check_integer("seed", seed, 0)
+        _check_integer("padding", padding, 0)
+        self.seed = int(seed)
+        self.padding = int(padding)
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self._table = _normalization_table(self.mean, self.std, len(self.mean))
+        self.seed_generator = keras.random.SeedGenerator(self.seed, name="augmentation_seed")
+
+    def draw(self, n):
+        """The next batch's offsets `(n, 2)` and flips `(n,)` (advances the
+        generator)."""
+        offsets = keras.random.randint((n, 2), 0, 2 * self.padding + 1, seed=self.seed_generator)
+        flips = keras.random.uniform((n,), seed=self.seed_generator) < 0.5
+        return offsets, flips
+
+    def call(self, images, training=False):
+        if images.shape[-1] != self._table.shape[0]:
+            raise ValueError(
+                f"DeviceAugmentation has {self._table.shape[0]} channel means; "
+                f"the images have {images.shape[-1]} channels."
+            )
+        if training:
+            offsets, flips = self.draw(keras.ops.shape(images)[0])
+            images = device_crop(images, offsets, flips, self.padding)
+        return device_normalize(images, self._table)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def compute_output_spec(self, images, training=False):
+        return keras.KerasTensor(images.shape, dtype="float32")
+
+    def save_own_variables(self, store):
+        super().save_own_variables(store)
+        store["seed_state"] = self.seed_generator.state
+
+    def load_own_variables(self, store):
+        if "seed_state" in store:
+            self.seed_generator.state.assign(np.asarray(store["seed_state"]))
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("dtype", None)
+        config.update(seed=self.seed, padding=self.padding, mean=self.mean, std=self.std)
+        return config
+
+
 # Images per step in `CifarSequence`: small temporaries are reused by the
 # memory allocator; whole batches of 128 images ran 2-3x slower, mostly in
 # page faults (see benchmarks/input_pipeline.py).
@@ -465,6 +601,10 @@ class CifarSequence(keras.utils.PyDataset):
             Defaults to `128`.
         augment: Whether to apply `augment()` (random crop with 4 pixels of
             zero padding, random horizontal flip). Defaults to `False`.
+        normalize: Whether to normalize the images. With `False` the
+            batches hold the (augmented, if `augment`) uint8 pixels, for a
+            model that normalizes them itself, such as one starting with
+            `DeviceAugmentation`. Defaults to `True`.
         shuffle: Whether to draw a new order of the images every epoch.
             Defaults to `False`.
         seed: Non-negative integer. Defaults to `0`.
@@ -490,9 +630,9 @@ class CifarSequence(keras.utils.PyDataset):
     )
     ```
 
-    Each batch is a tuple `(images, labels)`: float32 images of shape
-    `(batch, height, width, channels)` and int32 labels of shape
-    `(batch,)`.
+    Each batch is a tuple `(images, labels)`: float32 images (uint8 with
+    `normalize=False`) of shape `(batch, height, width, channels)` and
+    int32 labels of shape `(batch,)`.
     """
 
     def __init__(
@@ -505,6 +645,7 @@ class CifarSequence(keras.utils.PyDataset):
         seed=0,
         mean=CIFAR_MEAN,
         std=CIFAR_STD,
+        normalize=True,
         **kwargs,
     ):
         if "initial_epoch" in kwargs:
@@ -539,6 +680,7 @@ class CifarSequence(keras.utils.PyDataset):
         self.batch_size = int(batch_size)
         self.augment = bool(augment)
         self.shuffle = bool(shuffle)
+        self.normalize = bool(normalize)
         self.seed = int(seed)
         self.epoch = 0
         self._table = _normalization_table(mean, std, x.shape[-1])
@@ -585,6 +727,11 @@ class CifarSequence(keras.utils.PyDataset):
             # The same draws as `augment(x[rows], rng)`.
             rng = np.random.default_rng([self.seed, 4, epoch, index])
             offsets, flips = _draw_crops(rng, len(rows), padding=4)
+        if not self.normalize:
+            pixels = self.x[rows]
+            if self.augment:
+                pixels = np.ascontiguousarray(_crop(pixels, offsets, flips, padding=4))
+            return pixels, self.y[rows]
         images = np.empty((len(rows),) + self.x.shape[1:], dtype=np.float32)
         for chunk in range(0, len(rows), _CHUNK):
             part = slice(chunk, chunk + _CHUNK)

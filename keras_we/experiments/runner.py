@@ -11,6 +11,7 @@ data order and the augmentations, so the difference between two methods at
 one seed is a paired difference, free of most seed-to-seed noise.
 """
 
+import contextlib
 import csv
 import dataclasses
 import importlib
@@ -20,7 +21,9 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
+import threading
 import time
 import traceback
 
@@ -59,6 +62,22 @@ TOUCHED_KEYS = EVOLVED_KEYS + (
     "graft_noise_filters", "graft_internal_filters", "repr_pruned_filters",
     "repr_reinitialized_filters", "dsd_pruned_values",
 )
+
+# How a run trains, beyond the recipe (`RunConfig` fields; `keras-we` flags).
+# The defaults are what every preset trains with.
+JIT_COMPILE = {"auto": "auto", "on": True, "off": False}  # to `model.compile(jit_compile=...)`
+DTYPE_POLICIES = ("float32", "mixed_bfloat16")
+AUGMENT = ("host", "device")
+# The options that change a run's numbers: a run and its seed's baseline
+# must agree on them (`mismatched_pairs`), and a finished run is not
+# reused for a call that asks for other values (`train_run`).
+# `steps_per_execution` is not one: it changes how often Python is
+# entered, not what is computed (tested to give the same weights).
+NUMERIC_OPTIONS = {"dtype_policy": "float32", "augment": "host", "jit_compile": "auto"}
+# Methods whose callbacks act after every batch (`on_train_batch_end`):
+# with `steps_per_execution=N` Keras calls that hook once every N batches.
+BATCH_HOOK_METHODS = ("repr", "dsd")
+RUN_LOG = "train.log"
 
 PRESETS = {
     # 3 methods x 3 seeds in about 20 minutes on 2 CPU cores (TensorFlow);
@@ -158,6 +177,11 @@ class RunConfig:
     test_size: int = None
     batch_size: int = 128
     data_dir: str = None
+    # How it trains (see `JIT_COMPILE`, `DTYPE_POLICIES`, `AUGMENT`).
+    steps_per_execution: int = 1
+    jit_compile: str = "auto"
+    dtype_policy: str = "float32"
+    augment: str = "host"
 
     def __post_init__(self):
         if self.model not in models.names() + models.application_names():
@@ -173,6 +197,21 @@ class RunConfig:
         for name in ("train_size", "test_size"):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), minimum=1)
+        check_int("steps_per_execution", self.steps_per_execution, minimum=1)
+        check_choice("jit_compile", self.jit_compile, tuple(JIT_COMPILE))
+        check_choice("dtype_policy", self.dtype_policy, DTYPE_POLICIES)
+        check_choice("augment", self.augment, AUGMENT)
+        if self.steps_per_execution > 1 and self.method in BATCH_HOOK_METHODS:
+            raise ValueError(
+                f"`steps_per_execution` must be 1 with method {self.method!r}, which acts after "
+                f"every batch (Keras would call it once every {self.steps_per_execution} "
+                f"batches); got {self.steps_per_execution}."
+            )
+        if self.steps_per_execution > 1 and keras.backend.backend() == "torch":
+            raise ValueError(
+                "`steps_per_execution` must be 1 with the PyTorch backend (Keras runs "
+                f"one step per call there); got {self.steps_per_execution}."
+            )
 
     @property
     def name(self):
@@ -239,13 +278,19 @@ def check_data(config):
     load_data(config)
 
 
-def train_run(config, out_dir, verbose=1):
+def train_run(config, out_dir, verbose=1, epoch_lines=False):
     """Trains one run under the paper's recipe, resuming if interrupted.
 
     Writes to `out_dir`: `history.csv` (one row per epoch), `model.keras`
     and `run.json` (config, final and best test accuracy, history, wall
     time and compute relative to the baseline). A folder that already holds
-    `run.json` is finished and is returned as it is.
+    `run.json` is finished and is returned as it is (see `finished_record`).
+    With `epoch_lines`, prints one line per finished epoch, prefixed by the
+    run's name (`EpochLines`; with `verbose=0`, the only output).
+
+    With `config.augment == "device"` the network is trained behind a
+    `DeviceAugmentation` layer (see `network`); `model.keras` holds the
+    network alone, which takes normalized images as every run's does.
 
     `grafting` trains `GRAFTED_NETWORKS` networks with `peers.fit_grafted`,
     at the learning rates `peers.grafting.learning_rates` splits the
@@ -257,43 +302,154 @@ def train_run(config, out_dir, verbose=1):
     Returns:
         The run record (the content of `run.json`).
     """
+    record = finished_record(config, out_dir)
+    if record is not None:
+        return record
     finished = os.path.join(out_dir, RUN_FILE)
-    if os.path.exists(finished):
-        with open(finished) as f:
-            return json.load(f)
     os.makedirs(out_dir, exist_ok=True)
+    _check_started_options(config, out_dir)
     recipe = config.recipe()
     data = load_data(config)
     train = _train_grafted if config.method == GRAFTING else _train_one
+    extra = [EpochLines(config.name, recipe.epochs)] if epoch_lines else []
     start = time.perf_counter()
-    model = train(config, recipe, data, out_dir, verbose)
+    model = train(config, recipe, data, out_dir, verbose, extra)
     seconds = time.perf_counter() - start
-    model.save(os.path.join(out_dir, "model.keras"))
+    trained_network(model).save(os.path.join(out_dir, "model.keras"))
     record = _run_record(config, out_dir, seconds)
     with open(finished + ".tmp", "w") as f:
         json.dump(record, f, indent=1)
     os.replace(finished + ".tmp", finished)
     shutil.rmtree(os.path.join(out_dir, "we_state"), ignore_errors=True)
+    os.remove(os.path.join(out_dir, OPTIONS_FILE))
     return record
+
+
+class EpochLines(keras.callbacks.Callback):
+    """Prints one line per finished epoch, prefixed by the run's name: the
+    progress of runs trained side by side (`compare(parallel=N)`)."""
+
+    def __init__(self, name, epochs):
+        super().__init__()
+        self.name, self.epochs, self._start = name, epochs, time.perf_counter()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        values = ", ".join(f"{label} {logs[key]:.4f}" for key, label in (
+            ("loss", "loss"), ("accuracy", "accuracy"), ("val_accuracy", "test accuracy")) if key in logs)
+        print(f"{self.name}: epoch {epoch + 1}/{self.epochs}: {values} "
+              f"({time.perf_counter() - self._start:.1f} s)", flush=True)
+
+
+@contextlib.contextmanager
+def dtype_policy(name):
+    """Keras's global dtype policy set to `name` in the block (layers take
+    it when they are made), the previous one after."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def on_device(model, seed):
+    """`model` behind a `data.DeviceAugmentation(seed)`: a model of uint8
+    images that augments (in training) and normalizes them in its step."""
+    inputs = keras.Input(model.input_shape[1:], dtype="uint8", name="pixels")
+    augmented = data_lib.DeviceAugmentation(seed=seed, name="device_augmentation")(inputs)
+    return keras.Model(inputs, model(augmented), name=f"{model.name}_augmented")
+
+
+def trained_network(model):
+    """The network of a model `network` made: `model`, or the model behind
+    its `DeviceAugmentation`."""
+    if any(isinstance(layer, data_lib.DeviceAugmentation) for layer in model.layers):
+        return model.layers[-1]
+    return model
+
+
+def finished_record(config, out_dir):
+    """The record (`run.json`) of the run finished in `out_dir`, or None
+    if there is none.
+
+    Raises:
+        ValueError: the finished run was trained with other values of
+            `NUMERIC_OPTIONS` than `config`'s (a record without one was
+            trained with its default): reusing it would pair numbers
+            computed differently.
+    """
+    path = os.path.join(out_dir, RUN_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        record = json.load(f)
+    _check_options("finished", record, config, out_dir)
+    return record
+
+
+def _check_options(state, recorded, config, out_dir):
+    """Raises ValueError if the `NUMERIC_OPTIONS` in `recorded` (a run
+    `state`, finished or started) are not `config`'s."""
+    for key, default in NUMERIC_OPTIONS.items():
+        value, asked = recorded.get(key, default), getattr(config, key)
+        if value != asked:
+            raise ValueError(
+                f"{out_dir} holds a run {state} with {key}={value!r}, not the {asked!r} "
+                f"asked for; give another output folder (--out), or remove that run folder "
+                f"to train it again."
+            )
+
+
+OPTIONS_FILE = "options.json"
+
+
+def _check_started_options(config, out_dir):
+    """Keeps the `NUMERIC_OPTIONS` of a run as it starts in
+    `out_dir/options.json`; a run resumed from its backup must ask for
+    the same ones."""
+    path = os.path.join(out_dir, OPTIONS_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            _check_options("started", json.load(f), config, out_dir)
+        return
+    with open(path, "w") as f:
+        json.dump({key: getattr(config, key) for key in NUMERIC_OPTIONS}, f)
 
 
 def network(config, recipe, data, seed, history_path):
     """One network of a run, by seed: a compiled model, its training data
     (a `CifarSequence`) and its callbacks (the recipe's, `SyncEpoch`, a CSV
     log to `history_path`), without the method's. `fit` it with
-    `shuffle=False` and `validation_data=evaluation_sequence(data)`."""
+    `shuffle=False` and `validation_data=evaluation_sequence(data, config)`.
+
+    The model is compiled with the config's `steps_per_execution` and
+    `jit_compile`, and built under its `dtype_policy`. With
+    `augment="device"`, the sequence serves uint8 images (shuffled by
+    `(seed, epoch)` as on the host) and the model is `on_device(network,
+    seed)`, which augments them in its training step."""
     (x_train, y_train), _ = data
+    device = config.augment == "device"
     # The sequence shuffles and augments by (seed, epoch); fit is given
     # `shuffle=False`, so it does not reorder the batches with the global
     # random state.
     train = data_lib.CifarSequence(
-        x_train, y_train, batch_size=recipe.batch_size, augment=True, shuffle=True, seed=seed)
+        x_train, y_train, batch_size=recipe.batch_size, augment=not device, shuffle=True, seed=seed,
+        normalize=not device)
     keras.utils.set_random_seed(seed)
-    model = models.get(config.model, classes=DATASETS[config.dataset], input_shape=x_train.shape[1:])
+    with dtype_policy(config.dtype_policy):
+        model = models.get(config.model, classes=DATASETS[config.dataset], input_shape=x_train.shape[1:])
+    if device:
+        model = on_device(model, seed)
     model.compile(
         optimizer=recipe.optimizer(),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
+        steps_per_execution=config.steps_per_execution,
+        jit_compile=JIT_COMPILE[config.jit_compile],
     )
     callbacks = recipe.callbacks() + [
         # The batches of epoch e are those of (seed, e), e being fit's
@@ -305,13 +461,16 @@ def network(config, recipe, data, seed, history_path):
     return model, train, callbacks
 
 
-def evaluation_sequence(data):
-    """The test images of `data` as the runner evaluates them (batches of 500)."""
+def evaluation_sequence(data, config=None):
+    """The test images of `data` as the runner evaluates them (batches of
+    500): normalized, or uint8 for a `config` with `augment="device"`."""
     _, (x_test, y_test) = data
-    return data_lib.CifarSequence(x_test, y_test, batch_size=500, augment=False, shuffle=False)
+    normalize = config is None or config.augment != "device"
+    return data_lib.CifarSequence(x_test, y_test, batch_size=500, augment=False, shuffle=False,
+                                  normalize=normalize)
 
 
-def _train_one(config, recipe, data, out_dir, verbose):
+def _train_one(config, recipe, data, out_dir, verbose, extra=()):
     """Trains a one-network run (every method but `grafting`); returns the model."""
     model, train, callbacks = network(
         config, recipe, data, config.seed, os.path.join(out_dir, "history.csv"))
@@ -320,8 +479,8 @@ def _train_one(config, recipe, data, out_dir, verbose):
     # After the method's callbacks, so the backup holds the weights they
     # changed.
     callbacks.insert(len(callbacks) - 1, keras.callbacks.BackupAndRestore(os.path.join(out_dir, "backup")))
-    model.fit(train, validation_data=evaluation_sequence(data), epochs=recipe.epochs, callbacks=callbacks,
-              shuffle=False, verbose=verbose)
+    model.fit(train, validation_data=evaluation_sequence(data, config), epochs=recipe.epochs,
+              callbacks=callbacks + list(extra), shuffle=False, verbose=verbose)
     return model
 
 
@@ -331,7 +490,7 @@ def _history_files(config):
                               for i in range(1, relative_compute(config.method))]
 
 
-def _train_grafted(config, recipe, data, out_dir, verbose):
+def _train_grafted(config, recipe, data, out_dir, verbose, extra=()):
     """Trains a `grafting` run's networks with `peers.fit_grafted`; returns
     network 1."""
     rates = peers.grafting.learning_rates(recipe.learning_rate, GRAFTED_NETWORKS)
@@ -341,9 +500,11 @@ def _train_grafted(config, recipe, data, out_dir, verbose):
         for i, (rate, history) in enumerate(zip(rates, _history_files(config)))
     ]
     grafted = [model for model, _, _ in networks]
+    callbacks = [callbacks for _, _, callbacks in networks]
+    callbacks[0] = callbacks[0] + list(extra)
     peers.fit_grafted(
         grafted, [train for _, train, _ in networks], epochs=recipe.epochs,
-        validation_data=evaluation_sequence(data), callbacks=[callbacks for _, _, callbacks in networks],
+        validation_data=evaluation_sequence(data, config), callbacks=callbacks,
         backup_dir=os.path.join(out_dir, "backup"), shuffle=False, verbose=verbose,
     )
     return grafted[0]
@@ -422,9 +583,11 @@ def _devices():
 
 def mismatched_pairs(runs):
     """The runs whose seed's baseline was trained with other versions or on
-    another machine (see `machine`): their paired differences compare more
-    than the method. Runs recorded before `machine` existed count as
-    unknown and are not listed."""
+    another machine (see `machine`), or with other `NUMERIC_OPTIONS` (dtype
+    policy, augmentation, XLA): their paired differences compare more than
+    the method. Runs recorded before `machine` existed count as unknown and
+    are not listed; runs recorded before an option existed were trained
+    with its default."""
     baselines = {r["seed"]: r for r in runs if r["method"] == "baseline"}
     mismatched = []
     for run in runs:
@@ -435,6 +598,12 @@ def mismatched_pairs(runs):
             if key in run and key in baseline and run[key] != baseline[key]:
                 mismatched.append(f"{run['method']} seed {run['seed']}: {key} differ from the baseline's")
                 break
+        options = [f"{key} {run.get(key, default)!r} (baseline {baseline.get(key, default)!r})"
+                   for key, default in NUMERIC_OPTIONS.items()
+                   if run.get(key, default) != baseline.get(key, default)]
+        if options:
+            mismatched.append(f"{run['method']} seed {run['seed']}: options differ from the "
+                              f"baseline's: {', '.join(options)}")
     return mismatched
 
 
@@ -465,18 +634,29 @@ def read_history(path):
 
 
 def plan(model, dataset, methods, seeds, epochs, train_size=None, test_size=None,
-         batch_size=128, data_dir=None):
-    """The validated runs of a comparison: every method for every seed."""
+         batch_size=128, data_dir=None, **options):
+    """The validated runs of a comparison: every method for every seed.
+
+    `options` are the other `RunConfig` fields (`steps_per_execution`,
+    `jit_compile`, `dtype_policy`, `augment`), the same for every run."""
     if not methods or not seeds:
         raise ValueError("`methods` and `seeds` must each name at least one.")
+    unknown = sorted(set(options) - set(OPTION_NAMES))
+    if unknown:
+        raise TypeError(f"plan() got unknown options {unknown}; it takes {', '.join(OPTION_NAMES)}.")
     return [
-        RunConfig(model, dataset, method, seed, epochs, train_size, test_size, batch_size, data_dir)
+        RunConfig(model=model, dataset=dataset, method=method, seed=seed, epochs=epochs,
+                  train_size=train_size, test_size=test_size, batch_size=batch_size,
+                  data_dir=data_dir, **options)
         for seed in seeds
         for method in methods
     ]
 
 
-def compare(configs, out_dir, verbose=1, plots=True):
+OPTION_NAMES = ("steps_per_execution", "jit_compile", "dtype_policy", "augment")
+
+
+def compare(configs, out_dir, verbose=1, plots=True, parallel=1):
     """Runs `configs` (see `plan`) and summarizes them in `out_dir`.
 
     Finished runs (their `run.json` exists) are kept as they are; an
@@ -488,10 +668,20 @@ def compare(configs, out_dir, verbose=1, plots=True):
     Args:
         plots: also write the plots (see `summarize`). The CLI passes False
             and plots after printing the table.
+        parallel: how many runs train at once, each in its own process
+            (`run_in_process`), which prints one line per finished epoch
+            prefixed by the run's name and keeps its whole output in
+            `runs/<name>/train.log`. The summary is the same as with 1
+            (the runs in the order of `configs`). Defaults to 1: the runs
+            train one after the other in this process.
 
     Returns:
         The summary dict also written to `out_dir/summary.json`.
     """
+    check_int("parallel", parallel, minimum=1)
+    if parallel > 1:
+        runs, failed = _compare_in_processes(configs, out_dir, verbose, parallel)
+        return summarize(runs, out_dir, failed=failed, plots=plots)
     runs, failed = [], []
     for i, config in enumerate(configs, 1):
         if verbose:
@@ -510,6 +700,155 @@ def compare(configs, out_dir, verbose=1, plots=True):
     return summarize(runs, out_dir, failed=failed, plots=plots)
 
 
+def _compare_in_processes(configs, out_dir, verbose, parallel):
+    """The runs and failures of `compare(configs, parallel=N)`, each in the
+    order of `configs`; finished runs are read here, the others train in up
+    to `parallel` processes at once."""
+    outcomes, lock = [None] * len(configs), threading.Lock()
+    processes = {}
+
+    def say(text, stream=sys.stdout):
+        if verbose or stream is sys.stderr:
+            with lock:
+                print(text, file=stream, flush=True)
+
+    def one(i, config):
+        run_dir = os.path.join(out_dir, "runs", config.name)
+        prefix = f"[{i + 1}/{len(configs)}] {config.name}"
+        try:
+            record = finished_record(config, run_dir)
+            if record is None:
+                say(f"{prefix}: training (log: {os.path.join(run_dir, RUN_LOG)})")
+                record = run_in_process(config, run_dir, verbose=verbose, lines=say, processes=processes)
+            else:
+                say(f"{prefix}: finished before, kept")
+            outcomes[i] = ("run", record)
+        except Exception as error:
+            failure = getattr(error, "failure", None) or {
+                "run": config.name, "error": f"{type(error).__name__}: {error}",
+                "traceback": traceback.format_exc()}
+            outcomes[i] = ("failed", failure)
+            say(f"{prefix} failed, going on with the other runs (log: "
+                f"{os.path.join(run_dir, RUN_LOG)}):\n{failure['traceback']}", stream=sys.stderr)
+
+    threads = []
+    semaphore = threading.Semaphore(parallel)
+
+    def limited(i, config):
+        with semaphore:
+            one(i, config)
+
+    try:
+        for i, config in enumerate(configs):
+            thread = threading.Thread(target=limited, args=(i, config), daemon=True)
+            thread.start()
+            threads.append(thread)
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(0.2)
+    except BaseException:
+        for process in list(processes.values()):
+            if process.poll() is None:
+                process.terminate()
+        raise
+    runs = [value for kind, value in outcomes if kind == "run"]
+    failed = [value for kind, value in outcomes if kind == "failed"]
+    return runs, failed
+
+
+class RunFailed(RuntimeError):
+    """A run trained in its own process failed; `failure` is its
+    `{"run", "error", "traceback"}` record."""
+
+    def __init__(self, failure):
+        super().__init__(failure["error"])
+        self.failure = failure
+
+
+FAILURE_MARK = "keras-we-run-failed: "
+
+
+def worker_command(config, run_dir):
+    """The command that trains `config` into `run_dir` in a new process
+    (`worker_main`)."""
+    return [sys.executable, "-c", "import sys; from keras_we.experiments import runner; "
+            "sys.exit(runner.worker_main(sys.argv[1:]))",
+            json.dumps(dataclasses.asdict(config)), run_dir]
+
+
+def worker_environment():
+    """The environment of a run's process: this one's, the same Keras
+    backend, unbuffered output, and (unless set) TensorFlow and JAX told to
+    take GPU memory as they need it rather than most of it at once, so
+    that several processes share a GPU."""
+    environment = dict(os.environ, KERAS_BACKEND=keras.backend.backend(), PYTHONUNBUFFERED="1")
+    environment.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
+    environment.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    return environment
+
+
+def run_in_process(config, run_dir, verbose=1, lines=print, processes=None):
+    """Trains `config` into `run_dir` in a new Python process and returns
+    its record.
+
+    The process's whole output goes to `run_dir/train.log`; its lines
+    `"<run name>: epoch ..."` (`EpochLines`) also go to `lines` when
+    `verbose`. `processes`, a dict, holds the running process (by run
+    name) so that a caller can end it.
+
+    Raises:
+        RunFailed: the run raised (its error and traceback, from the
+            process) or the process ended without a record.
+    """
+    os.makedirs(run_dir, exist_ok=True)
+    failure = None
+    with open(os.path.join(run_dir, RUN_LOG), "a") as log:
+        process = subprocess.Popen(worker_command(config, run_dir), stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, env=worker_environment())
+        if processes is not None:
+            processes[config.name] = process
+        try:
+            for line in process.stdout:
+                log.write(line)
+                log.flush()
+                if line.startswith(FAILURE_MARK):
+                    failure = json.loads(line[len(FAILURE_MARK):])
+                elif verbose and line.startswith(f"{config.name}: epoch "):
+                    lines(line.rstrip("\n"))
+            code = process.wait()
+        finally:
+            if processes is not None:
+                processes.pop(config.name, None)
+    if failure is None and code == 0:
+        record = finished_record(config, run_dir)
+        if record is not None:
+            return record
+    if failure is None:
+        with open(os.path.join(run_dir, RUN_LOG)) as f:
+            tail = "".join(f.readlines()[-20:])
+        failure = {"run": config.name, "error": f"the run's process ended with exit code {code}",
+                   "traceback": tail}
+    raise RunFailed(failure)
+
+
+def worker_main(argv):
+    """A run's process (`worker_command`): `argv` is the config as JSON and
+    the run folder. Trains with one line per epoch; on an `Exception`
+    prints the traceback and a `FAILURE_MARK` line, and returns 1."""
+    fields, run_dir = argv
+    fields = json.loads(fields)
+    try:
+        train_run(RunConfig(**fields), run_dir, verbose=0, epoch_lines=True)
+    except Exception as error:
+        text = traceback.format_exc()
+        print(text, file=sys.stderr, flush=True)
+        name = f"{fields.get('model')}_{fields.get('method')}_seed{fields.get('seed')}"  # as `RunConfig.name`
+        failure = {"run": name, "error": f"{type(error).__name__}: {error}", "traceback": text}
+        print(FAILURE_MARK + json.dumps(failure), flush=True)
+        return 1
+    return 0
+
+
 def summarize(runs, out_dir, failed=(), plots=True):
     """Writes `summary.json`, `table.md` and `table.csv`, then (if `plots`
     and any run finished) the PNG plots, so that the tables are there even
@@ -523,8 +862,8 @@ def summarize(runs, out_dir, failed=(), plots=True):
     mismatched = mismatched_pairs(runs)
     summary = {"runs": runs, "table": table, "failed": list(failed), "mismatched_pairs": mismatched}
     if mismatched:
-        print("Warning: some paired differences compare runs from different versions or "
-              "machines (see summary.json's `mismatched_pairs`):\n  " + "\n  ".join(mismatched),
+        print("Warning: some paired differences compare runs from different versions, "
+              "machines or options (see summary.json's `mismatched_pairs`):\n  " + "\n  ".join(mismatched),
               file=sys.stderr, flush=True)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
