@@ -28,15 +28,26 @@ class Rule:
     paired columns in filter layout `(S, 1, P)` (a column is one input
     channel of a filter, see `keras_we.layouts`) and the L1 norms of their
     whole filters, and returns the new inferior columns.
+
+    `filterwise`: the rule treats all values of a filter alike (its
+    formula depends on them only through the whole filter's norms), so a
+    column may hold a whole filter instead of one channel.
+
+    `summarize`, if given, maps columns `(S, 1, M)` to `(1, 1, M)` such
+    that `apply` gives the same result with the dominant columns'
+    summaries in place of the columns, so that a compiled step need not
+    copy the partner columns (see `steps.crossover`).
     """
 
     name: str
     apply: Callable
     uses_norms: bool = False
+    filterwise: bool = False
+    summarize: Callable = None
 
 
 ENTRY = Rule("entry", lambda inferior, dominant, *norms: strategies.entry_crossover(inferior, dominant))
-WHOLE_FILTER = Rule("filter", strategies.filter_crossover, uses_norms=True)
+WHOLE_FILTER = Rule("filter", strategies.filter_crossover, uses_norms=True, filterwise=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +82,8 @@ class Crossover:
     def _element_rule(self):
         # One object per mode, so that the variables sharing it share a bucket.
         return Rule(f"element ({self.name})", lambda inferior, dominant, *norms:
-                    strategies.element_crossover(inferior, dominant, self.element))
+                    strategies.element_crossover(inferior, dominant, self.element),
+                    summarize=strategies.largest_elements)
 
 
 _REGISTRY = {}

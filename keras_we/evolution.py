@@ -146,9 +146,10 @@ class Evolver:
     """Runs evolution steps on a set of targets, compiled once: the one
     driver of the step sequence (see `keras_we.steps`).
 
-    A step is two compiled calls over the targets' `Plan`: `measure` (norms
+    A step is compiled calls over the targets' `Plan`: `measure` (norms
     and the selection counts), then, after the starvation counters run on
-    the host, `crossover`, which also writes the evolved variables.
+    the host, `match` (forward matching) and one `crossover` per bucket
+    with paired items, which also writes that bucket's variables.
 
     Args:
         targets: `keras_we.layers.Target`s, as `find_targets(model)` returns
@@ -180,13 +181,37 @@ class Evolver:
         local_ratio = options.local_ratio
         # Plain tuples cross the compiled boundary: `tf.function` handles a
         # namedtuple argument or result more slowly.
+        # `measure` reads every variable, so TensorFlow runs it as a graph,
+        # not with XLA, which would copy them all (see `variable_function`).
         self._measure = variable_function(
             lambda values, positions: tuple(steps.measure(self.plan, values, positions, local_ratio)),
-            variables, run_eagerly=run_eagerly)
-        self._crossover = variable_function(
-            lambda values, measured, counts: steps.crossover(
-                self.plan, steps.Measurement(*measured), counts),
-            variables, writes=True, run_eagerly=run_eagerly)
+            variables, run_eagerly=run_eagerly, jit_compile=False)
+        self._match = variable_function(
+            lambda values, norms, finite, counts: tuple(steps.match(self.plan, norms, finite, counts)),
+            [], run_eagerly=run_eagerly)
+        # One compiled crossover per bucket, which writes its own variables.
+        self._crossovers = [
+            variable_function(
+                lambda values, norms, matching, bucket=bucket: tuple(steps.crossover(
+                    self.plan, bucket, values, norms, steps.Matching(*matching))),
+                [variables[t] for t in bucket.tensors], writes=True, run_eagerly=run_eagerly)
+            for bucket in self.plan.buckets
+        ]
+
+    def _cross_over(self, measurement, counts, pairs):
+        """Forward matching, then the crossover of each bucket with paired
+        items, one after the other; returns how many values changed."""
+        norms = measurement.norms
+        matching = self._match(norms, measurement.finite, ops.convert_to_tensor(counts))
+        changed = 0
+        for bucket, crossover in zip(self.plan.buckets, self._crossovers):
+            members = pairs[list(bucket.tensors)] > 0
+            if members.any():
+                # Reading the counts also waits for the bucket's writes, so
+                # that the next bucket is not computed beside this one.
+                counted = ops.convert_to_numpy(crossover(norms, matching, write=members.tolist()))
+                changed += int(counted[members].sum())
+        return changed
 
     def fits(self, options, targets):
         """Whether this evolver is the one for `options` and `targets` (as
@@ -217,9 +242,7 @@ class Evolver:
             setattr(report, f"{g}_evolved", int(pairs[tensors].sum()))
         report.skipped = [self.targets[plan.order[t]].path for t in inferior.skipped]
         if pairs.any():
-            changed = self._crossover(tuple(measurement), ops.convert_to_tensor(inferior.counts),
-                                      write=(pairs > 0).tolist())
-            report.changed_elements = int(ops.convert_to_numpy(changed)[pairs > 0].sum())
+            report.changed_elements = self._cross_over(measurement, inferior.counts, pairs)
         if report.skipped:
             warnings.warn(
                 "Weight Evolution skipped variables holding NaN or inf: "

@@ -19,6 +19,18 @@ from keras_we.layouts import GROUPS
 from keras_we.strategies import threshold_position
 
 
+# A crossover works on one bucket at a time and writes it before the next,
+# so that a step holds a few copies of one bucket, never of the model
+# (issue 12: at most 0.5x its weight bytes). A bucket's cost is its values'
+# bytes plus `COLUMN_BYTES` per column (the per-column indices, partners and
+# norms a crossover computes, which dominate for 1x1 kernels and vectors);
+# it holds at most `BUCKET_FRACTION` of the plan's values' bytes (a tensor
+# that costs more stands alone). Measured with
+# `benchmarks/evolution_speed.py`; see README, "Speed".
+BUCKET_FRACTION = 0.05
+COLUMN_BYTES = 32
+
+
 @dataclasses.dataclass(frozen=True)
 class Bucket:
     """Tensors that share a crossover rule, `S` and dtype, laid side by side.
@@ -26,12 +38,14 @@ class Bucket:
     Each tensor's column view `(S, width)` concatenates into one `(S, M)`
     tensor, so one crossover call covers all of them. A column's partner
     sits at the same offset from it as its item's partner item, whatever the
-    tensor's channel count.
+    tensor's channel count. Tensors of the same rule, `S` and dtype fill
+    several buckets when they hold more than `BUCKET_FRACTION` of the plan's
+    bytes.
     """
 
     tensors: tuple  # plan indices of the member tensors
     rule: object  # the `crossovers.Rule` they take
-    rows: int  # S
+    rows: int  # S (S * C where a column is a whole filter)
     dtype: str  # the members' variable dtype
     widths: tuple  # columns of each member
     column_items: object  # plan-wide item of each column (tensor)
@@ -40,7 +54,8 @@ class Bucket:
     # same channel, per column (tensor), or None where it is 1 throughout
 
     def columns(self, values, dtype):
-        """The members' values as one `(S, M)` tensor, cast to `dtype`."""
+        """The members' values as one `(S, M)` tensor, cast to `dtype`
+        (`values[t]` is member `t`'s value)."""
         if self.rows == 1:  # vectors need no reshape: concatenate, then add the row
             flat = [values[t] if len(values[t].shape) == 1 else ops.reshape(values[t], (-1,))
                     for t in self.tensors]
@@ -61,6 +76,19 @@ class Bucket:
         ends = np.cumsum(self.widths).tolist()
         # Slices, which cost less dispatch than `ops.split` on PyTorch.
         return [values[..., start:end] for start, end in zip([0, *ends[:-1]], ends)]
+
+
+def _fill(tensors, costs, budget):
+    """`tensors` in order, cut into runs that cost at most `budget` (a
+    tensor that costs more alone)."""
+    runs, run, total = [], [], 0
+    for t in tensors:
+        if run and total + costs[t] > budget:
+            runs.append(run)
+            run, total = [], 0
+        run.append(t)
+        total += costs[t]
+    return runs + [run]
 
 
 def concatenate(tensors, axis):
@@ -84,8 +112,12 @@ class Plan:
             the tensors of each, `group_items[g]` its `(start, end)` items.
         compute_dtype: the dtype scores and crossovers compute in.
         item_tensor, item_group, item_channels, item_ids: per item (tensors).
-        buckets: the `Bucket`s, and per column of all of them in order,
-            `column_items`; per bucket member, `bucket_tensors`.
+        buckets: the `Bucket`s, each crossed over (and written) on its own.
+        norm_rows: per tensor, the rows of the view whose column sums of
+            magnitudes give its items' norms: `S` (the columns then add into
+            items by `Layout.item_sums`), or, for a channel-major tensor
+            with `S = 1` (a 1x1 kernel, a vector), its `C` channels, whose
+            sums are the items' norms: the same numbers, without a copy.
     """
 
     def __init__(self, targets, crossover):
@@ -111,27 +143,62 @@ class Plan:
         self.item_channels = ops.convert_to_tensor(np.repeat(channels, self.sizes), self.compute_dtype)
         self.item_ids = ops.convert_to_tensor(np.arange(self.count, dtype="int32"))
         self.buckets = self._buckets([crossover.rule(l, s) for l, s in zip(self.layouts, self.shapes)])
-        self.column_items = ops.concatenate([b.column_items for b in self.buckets])
-        self.bucket_tensors = ops.convert_to_tensor(
-            np.concatenate([b.tensors for b in self.buckets]).astype("int32"))
+        self.norm_rows = [self._norm_rows(t) for t in range(len(self.shapes))]
 
     def _buckets(self, rules):
         starts = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype("int32")
+        views = [self._column_view(t, rule, starts[t]) for t, rule in enumerate(rules)]
         keyed = {}
-        for t, (shape, layout) in enumerate(zip(self.shapes, self.layouts)):
-            keyed.setdefault((rules[t], layout.rows(shape), self.dtypes[t]), []).append(t)
+        for t, (rows, items, stride) in enumerate(views):
+            keyed.setdefault((rules[t], rows, self.dtypes[t]), []).append(t)
+        nbytes = [math.prod(s) * np.dtype(d).itemsize for s, d in zip(self.shapes, self.dtypes)]
+        costs = [n + COLUMN_BYTES * len(items) for n, (rows, items, stride) in zip(nbytes, views)]
+        budget = BUCKET_FRACTION * sum(nbytes)
         buckets = []
-        for (rule, rows, dtype), tensors in keyed.items():
-            items = [starts[t] + self.layouts[t].column_items(self.shapes[t]) for t in tensors]
-            widths = [len(i) for i in items]
-            strides = np.repeat([self._strides[t] for t in tensors], widths).astype("int32")
-            buckets.append(Bucket(
-                tuple(tensors), rule, rows, dtype, tuple(widths),
-                ops.convert_to_tensor(np.concatenate(items).astype("int32")),
-                ops.convert_to_tensor(np.repeat(np.arange(len(tensors), dtype="int32"), widths)),
-                None if (strides == 1).all() else ops.convert_to_tensor(strides),
-            ))
+        for (rule, rows, dtype), members in keyed.items():
+            for tensors in _fill(members, costs, budget):
+                buckets.append(self._bucket(tensors, rule, rows, dtype, [views[t] for t in tensors]))
         return buckets
+
+    def _column_view(self, t, rule, start):
+        """`(rows, column_items, stride)` of tensor `t` in its bucket.
+
+        A column is one input channel of one item (see `keras_we.layouts`),
+        except for a rule that treats a filter's values alike
+        (`rule.filterwise`) on a channel-major layout (channel `c` of item
+        `o` at column `c * n + o`, as in a regular kernel): there
+        `reshape(value, (S * C, n))` makes each column one whole item, so
+        that a 1x1 kernel has one column per filter, not per value.
+        """
+        shape, layout, size = self.shapes[t], self.layouts[t], self.sizes[t]
+        if rule.filterwise and self._channel_major(t):
+            return math.prod(shape) // size, start + np.arange(size, dtype="int32"), 1
+        return layout.rows(shape), start + layout.column_items(shape), self._strides[t]
+
+    def _channel_major(self, t):
+        """Whether channel `c` of item `o` is column `c * n + o` of tensor `t`."""
+        columns = self.layouts[t].column_items(self.shapes[t])
+        return bool((columns == np.arange(len(columns)) % self.sizes[t]).all())
+
+    def _norm_rows(self, t):
+        """The rows of the view of tensor `t` whose column sums of
+        magnitudes give its items' norms (see `norm_rows`)."""
+        shape = self.shapes[t]
+        rows = self.layouts[t].rows(shape)
+        if rows == 1 and self._channel_major(t):
+            return math.prod(shape) // self.sizes[t]
+        return rows
+
+    def _bucket(self, tensors, rule, rows, dtype, views):
+        items = [view[1] for view in views]
+        widths = [len(i) for i in items]
+        strides = np.repeat([view[2] for view in views], widths).astype("int32")
+        return Bucket(
+            tuple(tensors), rule, rows, dtype, tuple(widths),
+            ops.convert_to_tensor(np.concatenate(items).astype("int32")),
+            ops.convert_to_tensor(np.repeat(np.arange(len(tensors), dtype="int32"), widths)),
+            None if (strides == 1).all() else ops.convert_to_tensor(strides),
+        )
 
     def positions(self, ratios, finite=None):
         """Each group's global threshold position among the items of its

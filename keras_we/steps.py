@@ -1,12 +1,15 @@
 """The step functions of one evolution over a `Plan`: the four strategies
-of `keras_we.strategies` applied to a whole model's tensors at once.
+of `keras_we.strategies` applied to a whole model's tensors.
 
-A step is `measure` (compiled: columns, norms and the selection counts),
-then `inferior_counts` (on the host: the starvation counter runs from
-tensor to tensor), then `crossover` (compiled: forward matching and
-crossover of the paired columns). `keras_we.evolution.Evolver` drives them.
-`measure` and `crossover` are pure functions of tensors, so that they
-compile as they are.
+A step is `measure` (compiled: norms and the selection counts, read from
+the variables tensor by tensor), then `inferior_counts` (on the host: the
+starvation counter runs from tensor to tensor), then `match` (compiled:
+forward matching over all items) and `crossover`, one compiled call per
+bucket of the plan that has paired items, each written before the next is
+read, so that the step never holds more than a few copies of one bucket
+(issue 12). `keras_we.evolution.Evolver` drives them. All but
+`inferior_counts` are pure functions of tensors, so that they compile as
+they are.
 """
 
 from typing import NamedTuple
@@ -15,7 +18,7 @@ import numpy as np
 from keras import ops
 
 from keras_we import strategies
-from keras_we.backend_utils import segment_min, segment_sum, static_shapes
+from keras_we.backend_utils import magnitude_sums, segment_min, segment_sum, static_shapes
 from keras_we.plan import concatenate
 
 
@@ -23,14 +26,12 @@ class Measurement(NamedTuple):
     """What `measure` finds.
 
     Attributes:
-        columns: per bucket of the plan, its `(S, M)` columns.
         norms: per item, its L1 norm (a BatchNorm entry's magnitude).
         finite: per tensor, 1 if its norms are finite (no NaN or inf).
         important: per tensor, its globally important items (`g`).
         weak: per tensor, its locally weak items (`L`).
     """
 
-    columns: list
     norms: object
     finite: object
     important: object
@@ -51,12 +52,22 @@ class Inferior(NamedTuple):
     skipped: list
 
 
+class Matching(NamedTuple):
+    """What `match` finds: per item, whether it is an inferior item with a
+    partner (`paired`), and the offset from it to its partner's item
+    number (`shift`)."""
+
+    paired: object
+    shift: object
+
+
 class Crossed(NamedTuple):
-    """What `crossover` computes.
+    """What `crossover` computes for one bucket.
 
     Attributes:
-        values: per tensor, its new value (unchanged where nothing evolves).
-        changed: per tensor, how many of its values changed.
+        values: per member tensor, its new value (unchanged where nothing
+            evolves).
+        changed: per member tensor, how many of its values changed.
     """
 
     values: list
@@ -73,26 +84,22 @@ def measure(plan, values, positions, local_ratio):
     inf (and no values so large that a norm overflows). `positions` (one
     per group) assume every tensor finite; see `inferior_counts`.
     """
-    columns = [bucket.columns(values, plan.compute_dtype) for bucket in plan.buckets]
-    norms = item_norms(plan, [ops.sum(ops.abs(c), axis=0) for c in columns])
+    norms = item_norms(plan, values)
     finite = segment_min(ops.cast(ops.isfinite(norms), "int32"), plan.item_tensor, len(plan.sizes))
     important, weak = select(plan, norms, finite, positions, local_ratio)
-    return Measurement(columns, norms, finite, important, weak)
+    return Measurement(norms, finite, important, weak)
 
 
-def item_norms(plan, column_sums):
-    """Items' L1 norms from each bucket's column sums: an item's norm is the
-    sum of its columns'."""
-    if not static_shapes():
-        # Eager PyTorch, where every op costs dispatch time: all columns
-        # add into their items at once.
-        return segment_sum(ops.concatenate(column_sums), plan.column_items, plan.count)
-    # Compiled: each tensor's layout sums its own columns, since XLA's
-    # scatter over millions of columns is slow.
-    norms = [None] * len(plan.shapes)
-    for bucket, sums in zip(plan.buckets, column_sums):
-        for t, part in zip(bucket.tensors, bucket.split_flat(sums)):
-            norms[t] = plan.layouts[t].item_sums(part, plan.shapes[t])
+def item_norms(plan, values):
+    """Items' L1 norms, tensor by tensor: an item's norm is the sum of its
+    columns' sums of magnitudes (no tensor is copied beside the others)."""
+    views = [ops.reshape(ops.cast(value, plan.compute_dtype), (plan.norm_rows[t], -1))
+             for t, value in enumerate(values)]
+    norms = []
+    for t, sums in enumerate(magnitude_sums(views)):
+        layout, shape = plan.layouts[t], plan.shapes[t]
+        direct = plan.norm_rows[t] != layout.rows(shape)  # the sums are the norms
+        norms.append(sums if direct else layout.item_sums(sums, shape))
     return concatenate(norms, 0)
 
 
@@ -116,28 +123,26 @@ def select(plan, norms, finite, positions, local_ratio):
         item_scores, threshold, local_ratio, plan.item_tensor, len(plan.sizes))
 
 
-def crossover(plan, measurement, counts):
-    """Forward matching and crossover with `counts[t]` inferior items in
-    tensor `t`, on `measure`'s columns. Only the columns of paired items are
-    crossed over and written back."""
+def match(plan, norms, finite, counts):
+    """Forward matching in every tensor, `counts[t]` inferior items in
+    tensor `t`: a `Matching`."""
     partner, paired = strategies.forward_pairs(
-        scores(plan, measurement.norms, measurement.finite), counts, plan.item_tensor, plan.sizes)
-    shift = partner - plan.item_ids
-    values, changed = [None] * len(plan.shapes), []
-    for bucket, columns in zip(plan.buckets, measurement.columns):
-        new, bucket_changed = _bucket_crossover(plan, bucket, columns, measurement.norms, paired, shift)
-        changed.append(bucket_changed)
-        for t, value in zip(bucket.tensors, bucket.split(new, plan.shapes)):
-            values[t] = value
-    changed = segment_sum(ops.concatenate(changed), plan.bucket_tensors, len(plan.shapes))
-    return Crossed(values, changed)
+        scores(plan, norms, finite), counts, plan.item_tensor, plan.sizes)
+    return Matching(paired, partner - plan.item_ids)
+
+
+def crossover(plan, bucket, values, norms, matching):
+    """Crossover of one bucket's paired columns; `values` are its members'
+    values, in order. Returns `Crossed`."""
+    values = dict(zip(bucket.tensors, values))
+    columns = bucket.columns(values, bucket.dtype)
+    new, changed = _bucket_crossover(plan, bucket, columns, norms, matching.paired, matching.shift)
+    return Crossed(bucket.split(new, plan.shapes), changed)
 
 
 def _bucket_crossover(plan, bucket, columns, norms, paired, shift):
     """A bucket's new columns, and how many values of each member changed."""
     paired_columns = ops.take(paired, bucket.column_items)
-    if bucket.dtype != plan.compute_dtype:
-        columns = ops.cast(columns, bucket.dtype)
     if static_shapes():
         # Compiled steps need static shapes: cross every column over, and
         # keep the result where the column is paired.
@@ -156,7 +161,14 @@ def _bucket_crossover(plan, bucket, columns, norms, paired, shift):
     column_offset = offset if bucket.column_strides is None else offset * gather(bucket.column_strides)
     partners = gather(ops.arange(columns.shape[1], dtype="int32")) + column_offset
     inferior = gather(columns)
-    dominant = ops.take(columns, partners, axis=1)
+    if index is None and bucket.rule.summarize is not None:
+        # All the rule needs of a dominant column is its summary (e.g. its
+        # strongest element): summarize every column, then take the
+        # partners', instead of copying the partner columns whole.
+        summary = bucket.rule.summarize(ops.expand_dims(columns, 1))
+        dominant = ops.take(ops.squeeze(summary, 1), partners, axis=-1)
+    else:
+        dominant = ops.take(columns, partners, axis=1)
     pair_norms = (None, None)
     if bucket.rule.uses_norms:
         pair_norms = ops.take(norms, items), ops.take(norms, items + offset)

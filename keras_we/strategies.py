@@ -16,7 +16,7 @@ import math
 import numpy as np
 from keras import ops
 
-from keras_we.backend_utils import segment_max, segment_sum, stable_argsort
+from keras_we.backend_utils import first_extreme_index, segment_max, segment_sum, stable_argsort
 
 # ---------------------------------------------------------------- scores
 
@@ -218,21 +218,16 @@ def element_crossover(inferior, dominant, element):
     return ops.where(replace, value, inferior)
 
 
-def _first_extreme(filters, largest):
-    """Per (channel, filter): the first element of largest/smallest magnitude.
+def largest_elements(filters):
+    """Per channel of each filter, its first element of largest magnitude,
+    as filters of one spatial position, `(1, C, P)`: all that
+    `element_crossover` reads of its dominant filters."""
+    return ops.expand_dims(_first_extreme(filters, largest=True), 0)
 
-    Spelled out instead of `argmax` because TensorFlow does not promise which
-    index of a tie `argmax` returns.
-    """
-    magnitude = ops.abs(filters)
-    if largest:
-        target = ops.max(magnitude, axis=0, keepdims=True)
-    else:
-        target = ops.min(magnitude, axis=0, keepdims=True)
-    size = filters.shape[0]
-    positions = ops.reshape(ops.arange(size, dtype="int32"), (size, 1, 1))
-    first = ops.min(ops.where(magnitude == target, positions, size), axis=0)
-    # A NaN matches nothing; keep the index in range (such tensors are
-    # skipped, but may be computed alongside evolving ones).
-    first = ops.minimum(first, size - 1)
+
+def _first_extreme(filters, largest):
+    """Per (channel, filter): the first element of largest/smallest magnitude."""
+    first = first_extreme_index(ops.abs(filters), largest)
+    # A NaN may be picked (such tensors are skipped, but may be computed
+    # alongside evolving ones); the index is always in range.
     return ops.take_along_axis(filters, first[None], axis=0)[0]
