@@ -404,6 +404,73 @@ def without_times(summary):
     return runs, table
 
 
+# A run's process that trains nothing (no Keras: it starts at once): it
+# prints noise and its epoch lines and writes a record like the runner's;
+# `we-reference` fails as `worker_main` reports a failure, `dsd` dies
+# without a word, and the first run finishes last.
+FAKE_WORKER = """
+import json, os, sys, time
+fields, run_dir = json.loads(sys.argv[1]), sys.argv[2]
+name = "{model}_{method}_seed{seed}".format(**fields)
+if fields["method"] == "baseline":
+    time.sleep(1)
+if fields["method"] == "dsd":
+    print("Segmentation fault", file=sys.stderr)
+    sys.exit(139)
+for epoch in range(fields["epochs"]):
+    print("1/4 [====>....] noise from Keras")
+    print(f"{name}: epoch {epoch + 1}/{fields['epochs']}: loss 1.0000 ({epoch} s)", flush=True)
+if fields["method"] == "we-reference":
+    failure = {"run": name, "error": "RuntimeError: out of memory", "traceback": "Traceback ... memory"}
+    print("keras-we-run-failed: " + json.dumps(failure))
+    sys.exit(1)
+accuracy = [0.1 + 0.01 * e + 0.001 * len(fields["method"]) for e in range(fields["epochs"])]
+record = dict(fields, final_test_accuracy=accuracy[-1], best_test_accuracy=max(accuracy),
+              train_seconds=1.0, history={"epoch": list(range(fields["epochs"])),
+                                          "test_accuracy": accuracy, "items_evolved": [0] * fields["epochs"]})
+with open(os.path.join(run_dir, "run.json"), "w") as f:
+    json.dump(record, f)
+"""
+
+
+def test_parallel_runs_keep_the_order_lines_and_failures_of_sequential_ones(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(runner, "worker_command", lambda config, run_dir: [
+        sys.executable, "-c", FAKE_WORKER, json.dumps(dataclasses.asdict(config)), run_dir])
+    configs = runner.plan(methods=("baseline", "we-paper", "we-reference", "dsd", "graft-noise"), seeds=(0,),
+                          **TINY)
+    out = str(tmp_path / "cmp")
+    summary = runner.compare(configs, out, verbose=1, plots=False, parallel=3)
+    stdout, err = capsys.readouterr()
+    # The runs in the order of the configs (the baseline finished last),
+    # summarized as one after the other would be.
+    records = [json.load(open(os.path.join(out, "runs", c.name, "run.json"))) for c in configs
+               if c.method not in ("we-reference", "dsd")]
+    assert [r["method"] for r in summary["runs"]] == ["baseline", "we-paper", "graft-noise"]
+    assert summary == runner.summarize(records, str(tmp_path / "again"), failed=summary["failed"], plots=False)
+    reported, died = summary["failed"]
+    assert reported == {"run": configs[2].name, "error": "RuntimeError: out of memory",
+                        "traceback": "Traceback ... memory"}
+    assert died["run"] == configs[3].name and died["error"] == "the run's process ended with exit code 139"
+    assert "Segmentation fault" in died["traceback"]
+    for failure in (reported, died):
+        assert f"{failure['run']} failed, going on with the other runs (log: " in err
+    # One line per epoch per run, prefixed by its name, no Keras noise;
+    # where each log is; the log holds everything.
+    assert "noise from Keras" not in stdout
+    for config in configs:
+        log = os.path.join(out, "runs", config.name, runner.RUN_LOG)
+        assert f"{config.name}: training (log: {log})" in stdout
+        lines = [line for line in stdout.splitlines() if line.startswith(f"{config.name}: epoch ")]
+        if config.method != "dsd":
+            assert lines == [f"{config.name}: epoch {e + 1}/2: loss 1.0000 ({e} s)" for e in range(2)]
+            assert "noise from Keras" in open(log).read() and lines[-1] in open(log).read()
+    # A second call keeps the finished runs and starts none of them again.
+    again = runner.compare(configs[:2], out, verbose=1, plots=False, parallel=2)
+    assert again["runs"] == summary["runs"][:2]
+    assert capsys.readouterr().out.count("finished before, kept") == 2
+
+
+@pytest.mark.slow
 def test_parallel_runs_match_sequential_ones_and_print_epoch_lines(tmp_path, trained, tiny_workers, capsys):
     configs = runner.plan(methods=("baseline", "we-paper", "we-reference"), seeds=(0,), **TINY)
     # The runs trained one after the other in this process (`trained`),

@@ -7,7 +7,9 @@ papers) is, per image: pad 4 pixels of zeros on every side, take a random
 [0, 1] and normalize each channel with `CIFAR_MEAN` and `CIFAR_STD`. Test
 images are only normalized. `augment()` and `normalize()` do this on whole
 uint8 batches in NumPy, and `CifarSequence` feeds the result to
-`model.fit()` on any backend.
+`model.fit()` on any backend. `DeviceAugmentation` does the same with
+`keras.ops` inside the model's training step, on uint8 batches that a
+`CifarSequence(normalize=False)` serves.
 
 Every random choice (subset, epoch order, crops, flips) comes from a NumPy
 generator seeded by the `seed` argument and, in `CifarSequence`, by the
