@@ -40,6 +40,33 @@ def first_extreme_index(x, largest):
     return ops.minimum(first, size - 1)  # a NaN matches nothing
 
 
+_LIBC = []
+
+
+def release_free_memory():
+    """Gives the C heap's free pages back to the system (glibc's
+    `malloc_trim(0)`); does nothing without glibc.
+
+    Called between the buckets of a step: every backend allocates a
+    bucket's temporaries from the C heap on the CPU, and glibc keeps much
+    of what is freed for later, so that each bucket's temporaries add to the
+    process's memory. Measured on a ResNet-50 step on the CPU (90 MB of
+    evolvable weights): 65 to 84 MB above the level before the step on
+    TensorFlow, 93 to 112 MB on JAX; 25 and 5 to 29 MB with it.
+    """
+    if not _LIBC:
+        import ctypes
+        import ctypes.util
+
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c"))
+            _LIBC.append(libc.malloc_trim)
+        except (OSError, AttributeError, TypeError):
+            _LIBC.append(None)
+    if _LIBC[0] is not None:
+        _LIBC[0](0)
+
+
 def magnitude_sums(tensors):
     """`sum(abs(x), axis=0)` of each tensor `x` in `tensors` (one dtype).
 

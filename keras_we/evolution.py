@@ -16,7 +16,7 @@ import keras
 from keras import ops
 
 from keras_we import crossovers, steps
-from keras_we.backend_utils import variable_function
+from keras_we.backend_utils import release_free_memory, variable_function
 from keras_we.layers import find_targets
 from keras_we.layouts import GROUPS
 from keras_we.plan import Plan
@@ -141,6 +141,12 @@ class EvolutionReport:
 
 # ---------------------------------------------------------------- evolver
 
+# After a bucket of at least this many bytes, the memory its crossover
+# freed goes back to the system before the next bucket (see
+# `release_free_memory`); after a smaller one it costs more time than it
+# saves memory.
+RELEASE_BYTES = 2**20
+
 
 class Evolver:
     """Runs evolution steps on a set of targets, compiled once: the one
@@ -211,6 +217,9 @@ class Evolver:
                 # that the next bucket is not computed beside this one.
                 counted = ops.convert_to_numpy(crossover(norms, matching, write=members.tolist()))
                 changed += int(counted[members].sum())
+                if bucket.nbytes >= RELEASE_BYTES:
+                    release_free_memory()
+
         return changed
 
     def fits(self, options, targets):

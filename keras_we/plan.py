@@ -52,6 +52,7 @@ class Bucket:
     column_tensors: object  # index into `tensors` of each column (tensor)
     column_strides: object  # columns between an item's and the next item's
     # same channel, per column (tensor), or None where it is 1 throughout
+    nbytes: int  # the members' values' bytes
 
     def columns(self, values, dtype):
         """The members' values as one `(S, M)` tensor, cast to `dtype`
@@ -198,6 +199,7 @@ class Plan:
             ops.convert_to_tensor(np.concatenate(items).astype("int32")),
             ops.convert_to_tensor(np.repeat(np.arange(len(tensors), dtype="int32"), widths)),
             None if (strides == 1).all() else ops.convert_to_tensor(strides),
+            sum(math.prod(self.shapes[t]) * np.dtype(dtype).itemsize for t in tensors),
         )
 
     def positions(self, ratios, finite=None):

@@ -1,0 +1,78 @@
+"""The step works on one bucket at a time (issue 12): how the plan cuts its
+tensors into buckets must not change what a step computes."""
+
+import keras
+import numpy as np
+import pytest
+
+from keras_we import plan as plan_lib
+from keras_we.evolution import EvolutionOptions, Evolver
+from keras_we.layers import find_targets
+
+
+def _model(seed):
+    """3x3, 1x1 and depthwise kernels of several channel counts, with BN,
+    weights spread over three decades (some filters nearly dead)."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((8, 8, 3))
+    x = inputs
+    for filters in (8, 16, 16, 32):
+        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
+        x = keras.layers.BatchNormalization()(x)
+        x = keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False)(x)
+        x = keras.layers.Conv2D(filters, 1, use_bias=False)(x)
+        x = keras.layers.BatchNormalization()(x)
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x))
+    rng = np.random.default_rng(seed)
+    for target in find_targets(model):
+        value = keras.ops.convert_to_numpy(target.variable)
+        scale = 10.0 ** rng.uniform(-3, 0, size=value.shape[-1])
+        scale[rng.random(value.shape[-1]) < 0.1] = 1e-6
+        if not target.layout.is_kernel:
+            value = value + rng.normal(0.5, 0.2, size=value.shape)
+        target.variable.assign((value * scale).astype("float32"))
+    return model
+
+
+def _steps(model, crossover, epochs=3):
+    evolver = Evolver(find_targets(model), EvolutionOptions(crossover=crossover))
+    state, reports = None, []
+    for epoch in range(epochs):
+        report, state = evolver(epoch, state)
+        reports.append(report)
+    return evolver, reports, [keras.ops.convert_to_numpy(w) for w in model.weights]
+
+
+@pytest.mark.parametrize("crossover", ["reference", "paper"])
+def test_buckets_do_not_change_the_step(monkeypatch, crossover):
+    monkeypatch.setattr(plan_lib, "BUCKET_FRACTION", 100.0)  # no cut
+    whole, whole_reports, whole_weights = _steps(_model(3), crossover)
+    monkeypatch.setattr(plan_lib, "BUCKET_FRACTION", 1e-4)  # every tensor alone
+    cut, cut_reports, cut_weights = _steps(_model(3), crossover)
+
+    # One bucket per (rule, rows, dtype) against one per tensor.
+    assert len(whole.plan.buckets) == len({(b.rule, b.rows) for b in whole.plan.buckets}) < 10
+    assert len(cut.plan.buckets) == len(cut.plan.shapes) == 28
+    assert sum(r.conv_evolved for r in whole_reports) > 10
+    assert [r.changed_elements for r in cut_reports] == [r.changed_elements for r in whole_reports]
+    for a, b in zip(whole_weights, cut_weights):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_buckets_stay_within_their_budget():
+    """A bucket costs at most BUCKET_FRACTION of the plan's bytes, or holds
+    one tensor; a 1x1 kernel has one column per filter for whole-filter
+    crossover."""
+    evolver = Evolver(find_targets(_model(0)), EvolutionOptions())
+    plan = evolver.plan
+    total = sum(int(np.prod(s)) * 4 for s in plan.shapes)
+    for bucket in plan.buckets:
+        cost = bucket.nbytes + plan_lib.COLUMN_BYTES * sum(bucket.widths)
+        assert len(bucket.tensors) == 1 or cost <= plan_lib.BUCKET_FRACTION * total
+        for t, width in zip(bucket.tensors, bucket.widths):
+            shape = plan.shapes[t]
+            if bucket.rule.filterwise:  # 1x1 kernels: (C, O) viewed as O whole filters
+                assert (bucket.rows, width) == (shape[-2], shape[-1])
+            else:
+                assert bucket.rows * width == int(np.prod(shape))
+    assert any(b.rule.filterwise for b in plan.buckets)
