@@ -15,6 +15,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_we.backend_utils import reshape
 from keras_we.layouts import GROUPS
 from keras_we.strategies import threshold_position
 
@@ -25,9 +26,12 @@ from keras_we.strategies import threshold_position
 # bytes plus `COLUMN_BYTES` per column (the per-column indices, partners and
 # norms a crossover computes, which dominate for 1x1 kernels and vectors);
 # it holds at most `BUCKET_FRACTION` of the plan's values' bytes (a tensor
-# that costs more stands alone). Measured with
-# `benchmarks/evolution_speed.py`; see README, "Speed".
+# that costs more stands alone), but may always hold `MIN_BUCKET_BYTES`:
+# each bucket is one call, which costs about a millisecond, and in a small
+# model (ResNet-56: 3.3 MB) 5% would make some 30 calls of 0.16 MB each.
+# Measured with `benchmarks/evolution_speed.py`; see README, "Speed".
 BUCKET_FRACTION = 0.05
+MIN_BUCKET_BYTES = 2**20
 COLUMN_BYTES = 32
 
 
@@ -58,18 +62,18 @@ class Bucket:
         """The members' values as one `(S, M)` tensor, cast to `dtype`
         (`values[t]` is member `t`'s value)."""
         if self.rows == 1:  # vectors need no reshape: concatenate, then add the row
-            flat = [values[t] if len(values[t].shape) == 1 else ops.reshape(values[t], (-1,))
+            flat = [values[t] if len(values[t].shape) == 1 else reshape(values[t], (-1,))
                     for t in self.tensors]
             columns = ops.expand_dims(concatenate(flat, 0), 0)
         else:
-            columns = concatenate([ops.reshape(values[t], (self.rows, -1)) for t in self.tensors], 1)
+            columns = concatenate([reshape(values[t], (self.rows, -1)) for t in self.tensors], 1)
         return columns if dtype == self.dtype else ops.cast(columns, dtype)
 
     def split(self, columns, shapes):
         """The inverse of `columns`: one tensor per member, in its shape."""
         if self.rows == 1:
             columns = ops.squeeze(columns, 0)
-        return [part if tuple(part.shape) == shapes[t] else ops.reshape(part, shapes[t])
+        return [part if tuple(part.shape) == shapes[t] else reshape(part, shapes[t])
                 for part, t in zip(self.split_flat(columns), self.tensors)]
 
     def split_flat(self, values):
@@ -154,7 +158,7 @@ class Plan:
             keyed.setdefault((rules[t], rows, self.dtypes[t]), []).append(t)
         nbytes = [math.prod(s) * np.dtype(d).itemsize for s, d in zip(self.shapes, self.dtypes)]
         costs = [n + COLUMN_BYTES * len(items) for n, (rows, items, stride) in zip(nbytes, views)]
-        budget = BUCKET_FRACTION * sum(nbytes)
+        budget = max(BUCKET_FRACTION * sum(nbytes), MIN_BUCKET_BYTES)
         buckets = []
         for (rule, rows, dtype), members in keyed.items():
             for tensors in _fill(members, costs, budget):

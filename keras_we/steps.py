@@ -18,7 +18,7 @@ import numpy as np
 from keras import ops
 
 from keras_we import strategies
-from keras_we.backend_utils import magnitude_sums, segment_min, segment_sum, static_shapes
+from keras_we.backend_utils import magnitude_sums, reshape, segment_min, segment_sum, static_shapes
 from keras_we.plan import concatenate
 
 
@@ -93,7 +93,7 @@ def measure(plan, values, positions, local_ratio):
 def item_norms(plan, values):
     """Items' L1 norms, tensor by tensor: an item's norm is the sum of its
     columns' sums of magnitudes (no tensor is copied beside the others)."""
-    views = [ops.reshape(ops.cast(value, plan.compute_dtype), (plan.norm_rows[t], -1))
+    views = [reshape(ops.cast(value, plan.compute_dtype), (plan.norm_rows[t], -1))
              for t, value in enumerate(values)]
     norms = []
     for t, sums in enumerate(magnitude_sums(views)):

@@ -45,6 +45,7 @@ def _steps(model, crossover, epochs=3):
 
 @pytest.mark.parametrize("crossover", ["reference", "paper"])
 def test_buckets_do_not_change_the_step(monkeypatch, crossover):
+    monkeypatch.setattr(plan_lib, "MIN_BUCKET_BYTES", 0)
     monkeypatch.setattr(plan_lib, "BUCKET_FRACTION", 100.0)  # no cut
     whole, whole_reports, whole_weights = _steps(_model(3), crossover)
     monkeypatch.setattr(plan_lib, "BUCKET_FRACTION", 1e-4)  # every tensor alone
@@ -59,15 +60,20 @@ def test_buckets_do_not_change_the_step(monkeypatch, crossover):
         np.testing.assert_array_equal(a, b)
 
 
-def test_buckets_stay_within_their_budget():
+def _costs(plan):
+    return [bucket.nbytes + plan_lib.COLUMN_BYTES * sum(bucket.widths) for bucket in plan.buckets]
+
+
+def test_buckets_stay_within_their_budget(monkeypatch):
     """A bucket costs at most BUCKET_FRACTION of the plan's bytes, or holds
     one tensor; a 1x1 kernel has one column per filter for whole-filter
     crossover."""
+    monkeypatch.setattr(plan_lib, "MIN_BUCKET_BYTES", 0)
     evolver = Evolver(find_targets(_model(0)), EvolutionOptions())
     plan = evolver.plan
     total = sum(int(np.prod(s)) * 4 for s in plan.shapes)
-    for bucket in plan.buckets:
-        cost = bucket.nbytes + plan_lib.COLUMN_BYTES * sum(bucket.widths)
+    assert len(plan.buckets) > 10
+    for bucket, cost in zip(plan.buckets, _costs(plan)):
         assert len(bucket.tensors) == 1 or cost <= plan_lib.BUCKET_FRACTION * total
         for t, width in zip(bucket.tensors, bucket.widths):
             shape = plan.shapes[t]
@@ -76,3 +82,18 @@ def test_buckets_stay_within_their_budget():
             else:
                 assert bucket.rows * width == int(np.prod(shape))
     assert any(b.rule.filterwise for b in plan.buckets)
+
+
+def test_small_buckets_merge_up_to_the_floor(monkeypatch):
+    """A bucket may always hold MIN_BUCKET_BYTES (each bucket is one call):
+    a floor of a quarter of the plan's cost cuts it into a few buckets, each
+    within the floor unless it holds one tensor."""
+    monkeypatch.setattr(plan_lib, "MIN_BUCKET_BYTES", 0)
+    fine = Evolver(find_targets(_model(0)), EvolutionOptions()).plan
+    floor = sum(_costs(fine)) // 4
+    monkeypatch.setattr(plan_lib, "MIN_BUCKET_BYTES", floor)
+    coarse = Evolver(find_targets(_model(0)), EvolutionOptions()).plan
+    keys = {(b.rule, b.rows, b.dtype) for b in fine.buckets}
+    assert len(keys) <= len(coarse.buckets) <= len(keys) + 4 < len(fine.buckets)
+    for bucket, cost in zip(coarse.buckets, _costs(coarse)):
+        assert len(bucket.tensors) == 1 or cost <= floor
