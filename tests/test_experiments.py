@@ -130,7 +130,7 @@ def test_pairs_across_versions_or_machines_are_flagged(tmp_path, capsys):
             run("we-paper", 3, 0.5, {})]  # recorded before `machine`: unknown
     summary = runner.summarize(runs, str(tmp_path), plots=False)
     assert summary["mismatched_pairs"] == [
-        "we-reference seed 0: machine differ from the baseline's",
+        "we-reference seed 0: machine differs from the baseline's",
         "we-reference seed 1: versions differ from the baseline's",
     ]
     assert "mismatched_pairs" in capsys.readouterr().err

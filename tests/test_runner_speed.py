@@ -472,10 +472,15 @@ def test_parallel_runs_keep_the_order_lines_and_failures_of_sequential_ones(tmp_
         if config.method != "dsd":
             assert lines == [f"{config.name}: epoch {e + 1}/2: loss 1.0000 ({e} s)" for e in range(2)]
             assert "noise from Keras" in open(log).read() and lines[-1] in open(log).read()
-    # A second call keeps the finished runs and starts none of them again.
-    again = runner.compare(configs[:2], out, verbose=1, plots=False, parallel=2)
+    # A second call keeps the finished runs and starts none of them again;
+    # a failed run tried again appends its second attempt to its log.
+    again = runner.compare(configs[:3], out, verbose=1, plots=False, parallel=2)
     assert again["runs"] == summary["runs"][:2]
     assert capsys.readouterr().out.count("finished before, kept") == 2
+    for config, attempts in zip(configs[:3], (1, 1, 2)):
+        log = open(os.path.join(out, "runs", config.name, runner.RUN_LOG)).read()
+        assert log.startswith(f"{runner.ATTEMPT_MARK} {config.name}: process started ")
+        assert log.count(runner.ATTEMPT_MARK) == attempts
 
 
 @pytest.mark.slow

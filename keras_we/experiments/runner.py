@@ -78,6 +78,7 @@ NUMERIC_OPTIONS = {"dtype_policy": "float32", "augment": "host", "jit_compile": 
 # with `steps_per_execution=N` Keras calls that hook once every N batches.
 BATCH_HOOK_METHODS = ("repr", "dsd")
 RUN_LOG = "train.log"
+ATTEMPT_MARK = "=== keras-we:"  # starts the lines that separate a log's attempts
 
 PRESETS = {
     # 3 methods x 3 seeds in about 20 minutes on 2 CPU cores (TensorFlow);
@@ -594,9 +595,9 @@ def mismatched_pairs(runs):
         baseline = baselines.get(run["seed"])
         if run["method"] == "baseline" or baseline is None:
             continue
-        for key in ("versions", "machine"):
+        for key, differ in (("versions", "versions differ"), ("machine", "machine differs")):
             if key in run and key in baseline and run[key] != baseline[key]:
-                mismatched.append(f"{run['method']} seed {run['seed']}: {key} differ from the baseline's")
+                mismatched.append(f"{run['method']} seed {run['seed']}: {differ} from the baseline's")
                 break
         options = [f"{key} {run.get(key, default)!r} (baseline {baseline.get(key, default)!r})"
                    for key, default in NUMERIC_OPTIONS.items()
@@ -791,7 +792,9 @@ def run_in_process(config, run_dir, verbose=1, lines=print, processes=None):
     """Trains `config` into `run_dir` in a new Python process and returns
     its record.
 
-    The process's whole output goes to `run_dir/train.log`; its lines
+    The process's whole output goes to `run_dir/train.log`, after a line
+    that marks the attempt (`ATTEMPT_MARK`, with the time; a resumed or
+    repeated run appends to its log); its lines
     `"<run name>: epoch ..."` (`EpochLines`) also go to `lines` when
     `verbose`. `processes`, a dict, holds the running process (by run
     name) so that a caller can end it.
@@ -803,6 +806,9 @@ def run_in_process(config, run_dir, verbose=1, lines=print, processes=None):
     os.makedirs(run_dir, exist_ok=True)
     failure = None
     with open(os.path.join(run_dir, RUN_LOG), "a") as log:
+        log.write(f"{ATTEMPT_MARK} {config.name}: process started "
+                  f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
+        log.flush()
         process = subprocess.Popen(worker_command(config, run_dir), stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True, env=worker_environment())
         if processes is not None:
