@@ -102,3 +102,17 @@ def test_stable_argsort_keeps_ties_in_index_order_on_numpy_too(monkeypatch):
     want = np.argsort(-scores, kind="stable")
     monkeypatch.setattr(keras.backend, "backend", lambda: "numpy")
     np.testing.assert_array_equal(backend_utils.stable_argsort(-scores), want)
+
+
+@pytest.mark.parametrize("largest", [True, False])
+def test_first_extreme_index_takes_the_first_of_tied_extremes(largest):
+    # Columns of 9 values drawn from 3 levels, so that most columns hold
+    # their extreme several times; the answer is NumPy's first index.
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 3, size=(9, 2, 500)).astype("float32")
+    x[:, 0, 0] = 1.0  # all tied
+    got = numpy(backend_utils.first_extreme_index(ops.convert_to_tensor(x), largest))
+    want = np.argmax(x, axis=0) if largest else np.argmin(x, axis=0)
+    assert got.shape == (2, 500) and got[0, 0] == 0
+    np.testing.assert_array_equal(got, want)
+    assert (np.sum(x == (x.max(0) if largest else x.min(0)), axis=0) > 1).mean() > 0.5
