@@ -93,7 +93,8 @@ def measure(plan, values, positions, local_ratio):
 def item_norms(plan, values):
     """Items' L1 norms, tensor by tensor: an item's norm is the sum of its
     columns' sums of magnitudes (no tensor is copied beside the others)."""
-    views = [reshape(ops.cast(value, plan.compute_dtype), (plan.norm_rows[t], -1))
+    views = [reshape(value if plan.dtypes[t] == plan.compute_dtype else ops.cast(value, plan.compute_dtype),
+                     (plan.norm_rows[t], -1))
              for t, value in enumerate(values)]
     norms = []
     for t, sums in enumerate(magnitude_sums(views)):
