@@ -90,8 +90,19 @@ def child(args):
     if args.child == "pytorch":
         seconds = torch_run(*sizes)
     else:
+        from keras_we.experiments import runner
+
+        try:
+            runner.RunConfig(f"resnet{args.depth}", epochs=args.epochs, **parse_variant(args.variants))
+        except ValueError as error:  # e.g. steps_per_execution on PyTorch
+            print("UNAVAILABLE " + str(error), flush=True)
+            return
         seconds = keras_run(*sizes, variant=args.variants)
     print("RESULT " + json.dumps({"epoch_seconds": seconds}), flush=True)
+
+
+class Unavailable(Exception):
+    """The runner does not take these options on this backend."""
 
 
 def measure(trainer, backend, args, variant="default"):
@@ -101,6 +112,9 @@ def measure(trainer, backend, args, variant="default"):
                "--test-size", str(args.test_size), "--epochs", str(args.epochs),
                "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--variants", variant]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
+    unavailable = [line for line in done.stdout.splitlines() if line.startswith("UNAVAILABLE ")]
+    if unavailable and not done.returncode:
+        raise Unavailable(unavailable[-1][len("UNAVAILABLE "):])
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
         sys.stderr.write(done.stdout[-3000:] + done.stderr[-3000:])
@@ -151,6 +165,9 @@ def main(argv=None):
             ("keras-we", backend, variant) for variant in variants for backend in backends]:
         try:
             row = measure(trainer, backend, args, variant)
+        except Unavailable as reason:
+            print(f"| {trainer} | {backend} | {variant} | not available: {reason} | | |", flush=True)
+            continue
         except RuntimeError as error:  # one failed row does not lose the others
             print(f"| {trainer} | {backend} | {variant} | failed: {error} | | |", flush=True)
             failed += 1
