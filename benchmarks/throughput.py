@@ -36,6 +36,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 BACKENDS = ("tensorflow", "jax", "torch")
 
 
+TRAINING_OPTIONS = ("augment", "steps_per_execution", "jit_compile", "dtype_policy")
+
+
+class Unavailable(Exception):
+    """The runner does not take these options on this backend."""
+
+
 def parse_variant(text):
     """`"default"` or `"name=value,..."` of RunConfig's training options: a dict."""
     options = {}
@@ -48,17 +55,21 @@ def parse_variant(text):
     return options
 
 
-TRAINING_OPTIONS = ("augment", "steps_per_execution", "jit_compile", "dtype_policy")
+def keras_config(depth, train_size, test_size, epochs, batch_size, seed, variant="default"):
+    """The runner's config of a keras-we row (a baseline run)."""
+    from keras_we.experiments import runner
+
+    return runner.RunConfig(f"resnet{depth}", "cifar10", "baseline", seed, epochs, train_size,
+                            test_size, batch_size, **parse_variant(variant))
 
 
-def keras_run(depth, train_size, test_size, epochs, batch_size, seed, variant="default"):
-    """One keras-we run in this process; returns its epoch seconds."""
+def keras_run(config):
+    """One keras-we run of `config` in this process; returns its epoch seconds."""
     import keras
 
     from keras_we.experiments import runner
 
-    config = runner.RunConfig(f"resnet{depth}", "cifar10", "baseline", seed, epochs, train_size,
-                              test_size, batch_size, **parse_variant(variant))
+    seed, epochs = config.seed, config.epochs
     recipe = config.recipe()
     data = runner.load_data(config)
     model, train, callbacks = runner.network(config, recipe, data, seed, os.devnull)
@@ -90,19 +101,13 @@ def child(args):
     if args.child == "pytorch":
         seconds = torch_run(*sizes)
     else:
-        from keras_we.experiments import runner
-
         try:
-            runner.RunConfig(f"resnet{args.depth}", epochs=args.epochs, **parse_variant(args.variants))
+            config = keras_config(*sizes, variant=args.variants)
         except ValueError as error:  # e.g. steps_per_execution on PyTorch
             print("UNAVAILABLE " + str(error), flush=True)
             return
-        seconds = keras_run(*sizes, variant=args.variants)
+        seconds = keras_run(config)
     print("RESULT " + json.dumps({"epoch_seconds": seconds}), flush=True)
-
-
-class Unavailable(Exception):
-    """The runner does not take these options on this backend."""
 
 
 def measure(trainer, backend, args, variant="default"):

@@ -83,31 +83,31 @@ class Layout:
         """`value` in filter layout `(S, C, O)`: `O` items of `C` channels, for
         inspecting or plotting (the steps use the column view)."""
         shape = tuple(value.shape)
-        columns = reshape(value, (self.rows(shape), -1))
+        columns = ops.reshape(value, (self.rows(shape), -1))
         order = np.argsort(self.column_items(shape), kind="stable")
         grouped = ops.take(columns, ops.convert_to_tensor(order, "int32"), axis=1)
-        filters = reshape(grouped, (self.rows(shape), self.items(shape), -1))
+        filters = ops.reshape(grouped, (self.rows(shape), self.items(shape), -1))
         return ops.transpose(filters, (0, 2, 1))
 
     def from_filters(self, filters, shape):
         """The inverse of `filters`: a value of `shape` from its `(S, C, O)`
         filter layout."""
         shape = tuple(shape)
-        grouped = reshape(ops.transpose(filters, (0, 2, 1)), (self.rows(shape), -1))
+        grouped = ops.reshape(ops.transpose(filters, (0, 2, 1)), (self.rows(shape), -1))
         order = np.argsort(self.column_items(shape), kind="stable")
         inverse = ops.convert_to_tensor(np.argsort(order, kind="stable"), "int32")
-        return reshape(ops.take(grouped, inverse, axis=1), shape)
+        return ops.reshape(ops.take(grouped, inverse, axis=1), shape)
 
     def filter_rows(self, value):
         """`value` as a matrix of one row per item (filter), `(O, S * C)`:
         row `o` holds filter `o`'s values, channel by channel."""
         filters = self.filters(value)
-        return reshape(ops.transpose(filters, (2, 1, 0)), (filters.shape[2], -1))
+        return ops.reshape(ops.transpose(filters, (2, 1, 0)), (filters.shape[2], -1))
 
     def from_filter_rows(self, rows, shape):
         """The inverse of `filter_rows`: a value of `shape` from its rows."""
         shape = tuple(shape)
-        filters = reshape(rows, (self.items(shape), -1, self.rows(shape)))
+        filters = ops.reshape(rows, (self.items(shape), -1, self.rows(shape)))
         return self.from_filters(ops.transpose(filters, (2, 1, 0)), shape)
 
     def __repr__(self):
