@@ -67,6 +67,7 @@ def keras_run(config):
     """One keras-we run of `config` in this process; returns its epoch seconds."""
     import keras
 
+    from keras_we.experiments import data as data_lib
     from keras_we.experiments import runner
 
     seed, epochs = config.seed, config.epochs
@@ -82,8 +83,9 @@ def keras_run(config):
         def on_epoch_end(self, epoch, logs=None):
             seconds.append(time.perf_counter() - self.start)
 
-    model.fit(train, validation_data=runner.evaluation_sequence(data, config), epochs=epochs,
-              callbacks=callbacks + [EpochTimer()], shuffle=False, verbose=0)
+    model.fit(data_lib.fit_input(train),
+              validation_data=data_lib.fit_input(runner.evaluation_sequence(data, config)),
+              epochs=epochs, callbacks=callbacks + [EpochTimer()], shuffle=False, verbose=0)
     return seconds
 
 

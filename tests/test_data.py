@@ -560,14 +560,17 @@ def max_difference(a, b):
     return max(float(np.max(np.abs(u - v))) for u, v in zip(a, b))
 
 
-def test_fit_trains_epoch_e_on_the_batches_of_epoch_e(small):
+@pytest.mark.parametrize("through", ["sequence", "fit_input"])
+def test_fit_trains_epoch_e_on_the_batches_of_epoch_e(small, through):
     """The one thing the exactness takes from Keras, checked on the current
     backend: with `workers=1`, `fit()` asks for the batches of epoch `e`
     only after the callbacks' `on_epoch_begin(e)`, where `SyncEpoch` moves
     the sequence to `e`; also when `fit()` resumes at `initial_epoch`, after
     a pass that builds the model on a batch of the sequence's epoch 0.
-    Public API only; a Keras that prefetched across epochs fails this.
+    Public API only; a Keras that prefetched across epochs fails this. The
+    same through `fit_input` (on TensorFlow, a prefetched tf.data pipeline).
     """
+    wrap = data.fit_input if through == "fit_input" else (lambda sequence: sequence)
     x, y = small
     epochs = 3
 
@@ -590,17 +593,17 @@ def test_fit_trains_epoch_e_on_the_batches_of_epoch_e(small):
 
     model, train = tiny_model(), sequence()
     model.fit(
-        train, epochs=epochs, shuffle=False, verbose=0,
+        wrap(train), epochs=epochs, shuffle=False, verbose=0,
         callbacks=[data.SyncEpoch(train)],
     )
     assert max_difference(model.get_weights(), want) <= 1e-6
 
     # Interrupted after epoch 0, resumed in a new fit() on a new sequence.
     model, train = tiny_model(), sequence()
-    model.fit(train, epochs=1, shuffle=False, verbose=0, callbacks=[data.SyncEpoch(train)])
+    model.fit(wrap(train), epochs=1, shuffle=False, verbose=0, callbacks=[data.SyncEpoch(train)])
     resumed = sequence()
     model.fit(
-        resumed, initial_epoch=1, epochs=epochs, shuffle=False, verbose=0,
+        wrap(resumed), initial_epoch=1, epochs=epochs, shuffle=False, verbose=0,
         callbacks=[data.SyncEpoch(resumed)],
     )
     assert max_difference(model.get_weights(), want) <= 1e-6
@@ -724,3 +727,41 @@ def test_sequence_undoes_tensorflow_malloc_patch_at_each_epochs_first_batch(smal
     assert len(calls) == (2 if keras.backend.backend() == "tensorflow" else 0)
     monkeypatch.undo()
     data.undo_tf_malloc_patch()  # the real one: harmless here, glibc or not
+
+
+def test_fit_input_serves_the_sequence_batches_with_autotuning_off(small):
+    """On TensorFlow, `fit_input` is a tf.data pipeline of the sequence's
+    batches in order, of the epoch the sequence is at when it is read, with
+    autotuning off (its thread made `fit` pause 9-10 s at the start of
+    every other epoch); elsewhere it is the sequence itself."""
+    x, y = small
+    sequence = data.CifarSequence(x[:300], y[:300], batch_size=128, augment=True, shuffle=True, seed=3)
+    served = data.fit_input(sequence, prefetch=1)
+    if keras.backend.backend() != "tensorflow":
+        assert served is sequence
+        return
+    import tensorflow as tf
+
+    assert isinstance(served, tf.data.Dataset)
+    assert served.options().autotune.enabled is False
+    assert int(served.cardinality()) == len(sequence) == 3
+    for epoch in (0, 4):
+        sequence.epoch = epoch
+        batches = list(served.as_numpy_iterator())
+        assert [len(labels) for _, labels in batches] == [128, 128, 44]
+        for index, (images, labels) in enumerate(batches):
+            want_images, want_labels = sequence[index]
+            assert images.dtype == np.float32 and labels.dtype == np.int32
+            np.testing.assert_array_equal(images, want_images)
+            np.testing.assert_array_equal(labels, want_labels)
+    assert not np.array_equal(batches[0][0], data.CifarSequence(
+        x[:300], y[:300], batch_size=128, augment=True, shuffle=True, seed=3)[0][0])
+    raw = data.fit_input(data.CifarSequence(x[:300], y[:300], normalize=False))
+    assert raw.element_spec[0].dtype == tf.uint8
+
+
+@pytest.mark.parametrize("prefetch", [0, -1, 1.5, True, "2"])
+def test_fit_input_bad_prefetch(small, prefetch):
+    x, y = small
+    with pytest.raises(ValueError, match=r"`prefetch` must be an integer >= 1"):
+        data.fit_input(data.CifarSequence(x[:10], y[:10]), prefetch=prefetch)

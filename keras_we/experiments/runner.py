@@ -424,8 +424,9 @@ def _check_started_options(config, out_dir):
 def network(config, recipe, data, seed, history_path):
     """One network of a run, by seed: a compiled model, its training data
     (a `CifarSequence`) and its callbacks (the recipe's, `SyncEpoch`, a CSV
-    log to `history_path`), without the method's. `fit` it with
-    `shuffle=False` and `validation_data=evaluation_sequence(data, config)`.
+    log to `history_path`), without the method's. `fit` it, through
+    `data.fit_input`, with `shuffle=False` and
+    `validation_data=data.fit_input(evaluation_sequence(data, config))`.
 
     The model is compiled with the config's `steps_per_execution` and
     `jit_compile`, and built under its `dtype_policy`. With
@@ -480,8 +481,9 @@ def _train_one(config, recipe, data, out_dir, verbose, extra=()):
     # After the method's callbacks, so the backup holds the weights they
     # changed.
     callbacks.insert(len(callbacks) - 1, keras.callbacks.BackupAndRestore(os.path.join(out_dir, "backup")))
-    model.fit(train, validation_data=evaluation_sequence(data, config), epochs=recipe.epochs,
-              callbacks=callbacks + list(extra), shuffle=False, verbose=verbose)
+    model.fit(data_lib.fit_input(train),
+              validation_data=data_lib.fit_input(evaluation_sequence(data, config)),
+              epochs=recipe.epochs, callbacks=callbacks + list(extra), shuffle=False, verbose=verbose)
     return model
 
 
@@ -504,8 +506,8 @@ def _train_grafted(config, recipe, data, out_dir, verbose, extra=()):
     callbacks = [callbacks for _, _, callbacks in networks]
     callbacks[0] = callbacks[0] + list(extra)
     peers.fit_grafted(
-        grafted, [train for _, train, _ in networks], epochs=recipe.epochs,
-        validation_data=evaluation_sequence(data, config), callbacks=callbacks,
+        grafted, [data_lib.fit_input(train) for _, train, _ in networks], epochs=recipe.epochs,
+        validation_data=data_lib.fit_input(evaluation_sequence(data, config)), callbacks=callbacks,
         backup_dir=os.path.join(out_dir, "backup"), shuffle=False, verbose=verbose,
     )
     return grafted[0]
