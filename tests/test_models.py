@@ -1,4 +1,4 @@
-"""Tests of keras_we.experiments.models: parameter counts, forward passes, the two
+"""Tests of keras_we.experiments.models: parameter counts, forward passes, the three
 custom layers, `.keras` round trips and argument errors."""
 
 import os
@@ -83,10 +83,12 @@ def test_resnet20_with_100_classes():
 
 def test_pytorch_batchnorm_and_init(built):
     model = built("resnet20")
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            assert layer.momentum == pytest.approx(0.9)
-            assert layer.epsilon == pytest.approx(1e-5)
+    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert len(norms) == 19
+    for layer in norms:
+        assert type(layer) is models.FusedBatchNormalization
+        assert layer.momentum == pytest.approx(0.9)
+        assert layer.epsilon == pytest.approx(1e-5)
     # Kaiming normal: std sqrt(2 / fan_in), fan_in = 3 * 3 * 64.
     kernel = keras.ops.convert_to_numpy(
         model.get_layer("stage3_block2_1_conv").kernel
@@ -127,6 +129,8 @@ def test_keras_round_trip(name, built, tmp_path):
     assert trainable_count(restored) == PARAMS[name]
     actual = keras.ops.convert_to_numpy(restored(x, training=False))
     np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
+    assert {type(layer).__name__ for layer in restored.layers if "bn" in layer.name} == {
+        "FusedBatchNormalization"}
 
 
 def test_zero_pad_shortcut():
@@ -194,3 +198,92 @@ def test_bad_classes(classes):
 def test_bad_input_shape(input_shape):
     with pytest.raises(ValueError, match="`input_shape` must be a tuple of 3"):
         models.get("resnet20", input_shape=input_shape)
+
+
+def conv_bn_model(norm_class, seed, dtype=None, **norm_kwargs):
+    """Conv -> batch norm -> ReLU -> pooled logits, its weights drawn from
+    `seed` (so two classes get the same ones), compiled with SGD."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((6, 5, 3))
+    x = keras.layers.Conv2D(7, 3, padding="same", dtype=dtype)(inputs)
+    x = norm_class(momentum=0.9, epsilon=1e-5, dtype=dtype, name="norm", **norm_kwargs)(x)
+    x = keras.layers.ReLU(dtype=dtype)(x)
+    x = keras.layers.GlobalAveragePooling2D(dtype=dtype)(x)
+    model = keras.Model(inputs, keras.layers.Dense(4, dtype=dtype)(x))
+    norm = model.get_layer("norm")
+    norm.gamma.assign(np.linspace(0.5, 2.0, 7))
+    norm.beta.assign(np.linspace(-1.0, 1.0, 7))
+    model.compile(optimizer=keras.optimizers.SGD(0.5, momentum=0.9),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+@pytest.mark.parametrize("dtype, atol", [("float32", 2e-5), ("mixed_bfloat16", 2e-2)])
+def test_fused_batch_norm_trains_like_keras_batch_norm(dtype, atol):
+    """Three SGD steps through conv + batch norm: the loss, the conv kernel
+    (moved by the gradient the norm passes back), gamma, beta and the moving
+    statistics (biased batch variance, as in Keras) agree with Keras's
+    `BatchNormalization` to float32 rounding (bfloat16's, under the mixed
+    policy), on TensorFlow and PyTorch, where the layer takes their fused
+    kernel. On JAX the layer is Keras's own: equal bit for bit."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(1.0, 3.0, size=(16, 6, 5, 3)).astype("float32")
+    y = rng.integers(0, 4, 16)
+    runs = []
+    for norm_class in (keras.layers.BatchNormalization, models.FusedBatchNormalization):
+        model = conv_bn_model(norm_class, seed=5, dtype=dtype)
+        losses = [float(model.train_on_batch(x, y)) for _ in range(3)]
+        runs.append((losses, [keras.ops.convert_to_numpy(v) for v in model.weights]))
+    (keras_losses, keras_weights), (fused_losses, fused_weights) = runs
+    moving_variance = keras_weights[5]
+    assert moving_variance.shape == (7,) and np.all(moving_variance > 1.0)
+    if keras.backend.backend() == "jax":
+        assert fused_losses == keras_losses
+        for want, got in zip(keras_weights, fused_weights):
+            np.testing.assert_array_equal(got, want)
+        return
+    np.testing.assert_allclose(fused_losses, keras_losses, atol=atol)
+    assert keras_losses[0] != keras_losses[2]
+    for want, got in zip(keras_weights, fused_weights):
+        np.testing.assert_allclose(got, want, atol=atol * max(1.0, float(np.max(np.abs(want)))))
+
+
+def takes_fused_kernel(layer, shape, dtype="float32", training=True):
+    """Whether a call of `layer` on zeros of `shape` runs the backend's fused
+    batch norm: TensorFlow's `FusedBatchNormV3` op in the traced call, or
+    PyTorch's `torch.nn.functional.batch_norm` called."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        traced = tf.function(lambda x: layer(x, training=training))
+        graph = traced.get_concrete_function(tf.TensorSpec(shape, dtype)).graph
+        return "FusedBatchNormV3" in {op.type for op in graph.get_operations()}
+    import torch
+
+    calls, batch_norm = [], torch.nn.functional.batch_norm
+    torch.nn.functional.batch_norm = lambda *a, **k: calls.append(1) or batch_norm(*a, **k)
+    try:
+        layer(np.zeros(shape, dtype), training=training)
+    finally:
+        torch.nn.functional.batch_norm = batch_norm
+    return bool(calls)
+
+
+@pytest.mark.skipif(keras.backend.backend() == "jax",
+                    reason="JAX has no fused kernel to take (XLA fuses Keras's ops); "
+                           "test_fused_batch_norm_trains_like_keras_batch_norm checks the layer is Keras's there")
+def test_fused_batch_norm_uses_the_kernel_only_where_it_applies():
+    """Training on 4D channels-last float32 (or float16) takes the fused
+    kernel; inference, float64, another axis, renorm, a frozen layer and 2D
+    inputs take Keras's path."""
+    layer = models.FusedBatchNormalization
+    assert takes_fused_kernel(layer(), (2, 4, 4, 3))
+    assert takes_fused_kernel(layer(dtype="mixed_float16"), (2, 4, 4, 3), dtype="float16")
+    assert not takes_fused_kernel(layer(), (2, 4, 4, 3), training=False)
+    assert not takes_fused_kernel(layer(dtype="float64"), (2, 4, 4, 3), dtype="float64")
+    assert not takes_fused_kernel(layer(axis=1), (2, 3, 4, 4))
+    assert not takes_fused_kernel(layer(renorm=True), (2, 4, 4, 3))
+    assert not takes_fused_kernel(layer(), (5, 3))
+    frozen = layer()
+    frozen.trainable = False
+    assert not takes_fused_kernel(frozen, (2, 4, 4, 3))

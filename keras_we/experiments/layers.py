@@ -5,6 +5,9 @@ They live in this small module, which imports only Keras, so that
 zoo: a `.keras` file holding them (e.g. a run's `model.keras`) then loads
 with `keras.saving.load_model` after a plain `import keras_we`.
 
+`FusedBatchNormalization` is Keras's `BatchNormalization` with a faster
+training path on TensorFlow (registered as `keras_we>FusedBatchNormalization`).
+
 The registered names, `keras_we>ZeroPadShortcut` and `keras_we>ChannelShuffle`,
 are the ones files saved by earlier versions (where the layers were defined
 in `keras_we.models`) hold; Keras finds a registered class by that name, not
@@ -138,3 +141,97 @@ class ChannelShuffle(layers.Layer):
         config = super().get_config()
         config.update({"groups": self.groups})
         return config
+
+
+@keras.saving.register_keras_serializable(package="keras_we")
+class FusedBatchNormalization(layers.BatchNormalization):
+    """Keras's `BatchNormalization`, trained by the backend's fused kernel.
+
+    Same arguments, variables, config and results as
+    `keras.layers.BatchNormalization` (it is one: `isinstance` holds, so Weight
+    Evolution and its peers find its gamma and beta). Only the way a
+    training call is computed differs, and only where the backend has a
+    faster way: on TensorFlow and PyTorch, a training call on a 4D
+    channels-last float input, with `center`, `scale`, no mask, no renorm and
+    `synchronized=False`, normalizes with TensorFlow's `FusedBatchNormV3` or
+    PyTorch's `torch.nn.functional.batch_norm` (one kernel forward, one
+    backward) instead of Keras's `moments` and `batch_normalization` (about
+    ten elementwise and reduction kernels, and their gradients). The moving
+    statistics move exactly as in Keras, with the biased batch variance.
+    Every other call (inference, JAX, other inputs) is Keras's own.
+
+    Why: Keras 3 has no fused batch norm (Keras 2 had `fused=True`). On 2
+    CPU cores, TensorFlow's profiler put 30% of a CIFAR ResNet-20 training
+    step's op time in the unfused one; with this layer the runner trains
+    671 images/s instead of 487 on TensorFlow, and 0.87 of a plain PyTorch
+    loop's images/s instead of 0.69 on PyTorch (`benchmarks/throughput.py`).
+    On JAX, XLA fuses Keras's version itself.
+
+    The fused kernels compute in float32 (float16 and bfloat16 inputs are
+    upcast, as Keras does); float64 inputs take Keras's path. Results agree
+    with Keras's to float32 rounding, not bit for bit.
+    """
+
+    def call(self, inputs, training=None, mask=None):
+        if not (training and self.trainable and self._fusable(inputs, mask)):
+            return super().call(inputs, training=training, mask=mask)
+        x = ops.cast(inputs, "float32")
+        fused = _FUSED[keras.backend.backend()]
+        outputs, mean, variance = fused(
+            x, ops.cast(self.gamma, "float32"), ops.cast(self.beta, "float32"), self.epsilon)
+        mean, variance = ops.stop_gradient(mean), ops.stop_gradient(variance)
+        self.moving_mean.assign(
+            ops.cast(self.moving_mean, "float32") * self.momentum + mean * (1.0 - self.momentum))
+        self.moving_variance.assign(
+            ops.cast(self.moving_variance, "float32") * self.momentum
+            + variance * (1.0 - self.momentum))
+        return ops.cast(outputs, self.compute_dtype)
+
+    def _fusable(self, inputs, mask):
+        return (keras.backend.backend() in _FUSED and mask is None
+                and self._reduction_axes == [0, 1, 2]
+                and self.center and self.scale and not self.renorm
+                and not self.synchronized
+                and keras.backend.standardize_dtype(inputs.dtype)
+                in ("float16", "bfloat16", "float32"))
+
+
+def _biased(unbiased_variance, x):
+    """The biased batch variance from the unbiased one, over all of `x`'s
+    positions but the channel."""
+    count = ops.cast(ops.size(x) // ops.shape(x)[-1], "float32")
+    return unbiased_variance * (count - 1.0) / ops.maximum(count, 1.0)
+
+
+def _tensorflow_batch_norm(x, gamma, beta, epsilon):
+    """`(outputs, batch mean, biased batch variance)` of a channels-last 4D
+    float32 `x`, by TensorFlow's `FusedBatchNormV3`."""
+    import tensorflow as tf
+
+    empty = tf.constant([], dtype="float32")
+    outputs, mean, variance, *_ = tf.raw_ops.FusedBatchNormV3(
+        x=x, scale=gamma, offset=beta, mean=empty, variance=empty,
+        epsilon=epsilon, data_format="NHWC", is_training=True,
+    )
+    return outputs, mean, _biased(variance, x)
+
+
+def _torch_batch_norm(x, gamma, beta, epsilon):
+    """The same by PyTorch's `batch_norm`, on `x` seen as NCHW (a
+    channels-last view, which its kernel takes as is)."""
+    import torch
+
+    channels = x.shape[-1]
+    # With momentum 1, the running buffers become the batch mean and the
+    # unbiased batch variance.
+    mean = torch.zeros(channels, dtype=x.dtype, device=x.device)
+    variance = torch.zeros(channels, dtype=x.dtype, device=x.device)
+    outputs = torch.nn.functional.batch_norm(
+        x.permute(0, 3, 1, 2), mean, variance, gamma, beta,
+        training=True, momentum=1.0, eps=epsilon,
+    )
+    return outputs.permute(0, 2, 3, 1), mean, _biased(variance, x)
+
+
+# The backends whose own fused kernel trains faster than Keras's path.
+_FUSED = {"tensorflow": _tensorflow_batch_norm, "torch": _torch_batch_norm}
