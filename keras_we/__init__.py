@@ -11,7 +11,8 @@ from keras_we.schedule import MultiplierSchedule, PaperSchedule, Schedule
 from keras_we.weight_evolution import WeightEvolution
 
 # A saved zoo model (e.g. a run's model.keras) holds the zoo's layers
-# (ZeroPadShortcut, ChannelShuffle, FusedBatchNormalization) and, compiled, the recipe's optimizer
+# (ZeroPadShortcut, ChannelShuffle, FusedBatchNormalization,
+# ChannelsLastConv2D) and, compiled, the recipe's optimizer
 # PaperSGD. Importing their modules registers them, so such a file loads with
 # `keras.saving.load_model` after a plain `import keras_we`. Both modules
 # import only Keras and keras_we's core (schedule, validation), so this costs

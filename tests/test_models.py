@@ -1,4 +1,4 @@
-"""Tests of keras_we.experiments.models: parameter counts, forward passes, the three
+"""Tests of keras_we.experiments.models: parameter counts, forward passes, the four
 custom layers, `.keras` round trips and argument errors."""
 
 import os
@@ -89,6 +89,8 @@ def test_pytorch_batchnorm_and_init(built):
         assert type(layer) is models.FusedBatchNormalization
         assert layer.momentum == pytest.approx(0.9)
         assert layer.epsilon == pytest.approx(1e-5)
+    convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert len(convs) == 19 and all(type(layer) is models.ChannelsLastConv2D for layer in convs)
     # Kaiming normal: std sqrt(2 / fan_in), fan_in = 3 * 3 * 64.
     kernel = keras.ops.convert_to_numpy(
         model.get_layer("stage3_block2_1_conv").kernel
@@ -131,6 +133,8 @@ def test_keras_round_trip(name, built, tmp_path):
     np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
     assert {type(layer).__name__ for layer in restored.layers if "bn" in layer.name} == {
         "FusedBatchNormalization"}
+    assert {type(layer).__name__ for layer in restored.layers if layer.name.endswith("_conv")} == {
+        "ChannelsLastConv2D"}
 
 
 def test_zero_pad_shortcut():
@@ -200,12 +204,13 @@ def test_bad_input_shape(input_shape):
         models.get("resnet20", input_shape=input_shape)
 
 
-def conv_bn_model(norm_class, seed, dtype=None, **norm_kwargs):
+def conv_bn_model(norm_class, seed, dtype=None, conv_class=keras.layers.Conv2D,
+                  conv_kwargs=None, **norm_kwargs):
     """Conv -> batch norm -> ReLU -> pooled logits, its weights drawn from
     `seed` (so two classes get the same ones), compiled with SGD."""
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((6, 5, 3))
-    x = keras.layers.Conv2D(7, 3, padding="same", dtype=dtype)(inputs)
+    x = conv_class(7, dtype=dtype, **(conv_kwargs or {"kernel_size": 3, "padding": "same"}))(inputs)
     x = norm_class(momentum=0.9, epsilon=1e-5, dtype=dtype, name="norm", **norm_kwargs)(x)
     x = keras.layers.ReLU(dtype=dtype)(x)
     x = keras.layers.GlobalAveragePooling2D(dtype=dtype)(x)
@@ -287,3 +292,39 @@ def test_fused_batch_norm_uses_the_kernel_only_where_it_applies():
     frozen = layer()
     frozen.trainable = False
     assert not takes_fused_kernel(frozen, (2, 4, 4, 3))
+
+
+CONV_CASES = [  # (Conv2D arguments, whether PyTorch takes the direct path)
+    ({"kernel_size": 3, "padding": "same"}, True),
+    ({"kernel_size": 3, "padding": "valid", "strides": 2}, True),
+    ({"kernel_size": 1, "padding": "valid"}, True),
+    ({"kernel_size": 3, "padding": "same", "strides": 2}, False),  # asymmetric padding
+    ({"kernel_size": 2, "padding": "same"}, False),
+    ({"kernel_size": 3, "padding": "same", "dilation_rate": 2}, False),
+]
+
+
+@pytest.mark.parametrize("conv_kwargs, direct", CONV_CASES)
+def test_channels_last_conv_trains_like_keras_conv(conv_kwargs, direct):
+    """Three SGD steps through `ChannelsLastConv2D` + batch norm equal the
+    same with Keras's `Conv2D`: to float32 rounding on PyTorch (where the
+    direct cases skip Keras's layout copies; measured equal bit for bit),
+    bit for bit elsewhere (Keras's own path)."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(16, 6, 5, 3)).astype("float32")
+    y = rng.integers(0, 4, 16)
+    runs = []
+    for conv_class in (keras.layers.Conv2D, models.ChannelsLastConv2D):
+        model = conv_bn_model(keras.layers.BatchNormalization, seed=2, conv_class=conv_class,
+                              conv_kwargs=conv_kwargs)
+        losses = [float(model.train_on_batch(x, y)) for _ in range(3)]
+        runs.append((losses, [keras.ops.convert_to_numpy(v) for v in model.weights]))
+        conv = model.layers[1]
+    assert type(conv) is models.ChannelsLastConv2D
+    assert conv._direct(x) == (direct and keras.backend.backend() == "torch")
+    (keras_losses, keras_weights), (direct_losses, direct_weights) = runs
+    assert keras_losses[0] != keras_losses[2]
+    atol = 1e-5 if keras.backend.backend() == "torch" else 0.0
+    np.testing.assert_allclose(direct_losses, keras_losses, rtol=0, atol=atol)
+    for want, got in zip(keras_weights, direct_weights):
+        np.testing.assert_allclose(got, want, rtol=0, atol=atol)

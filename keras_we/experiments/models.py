@@ -22,6 +22,9 @@ Conventions shared by the bundled models, chosen to match PyTorch:
   layer is `FusedBatchNormalization`, Keras's `BatchNormalization` trained
   by TensorFlow's fused kernel on that backend (1.5x the images/s of a
   ResNet-20 on a CPU), Keras's own elsewhere.
+- Convolutions are `ChannelsLastConv2D`, Keras's `Conv2D` without the
+  PyTorch backend's two layout copies of each input (Keras's own on
+  TensorFlow and JAX).
 - A strided convolution pads explicitly by `kernel_size // 2` on every
   side and then runs a `"valid"` convolution, like PyTorch's `padding=1`.
   Keras' `padding="same"` would pad only the bottom/right and shift the
@@ -33,8 +36,8 @@ Conventions shared by the bundled models, chosen to match PyTorch:
   BatchNorm scales at one.
 
 The models expect `"channels_last"` images. They use only built-in Keras
-layers plus three of this package (`ZeroPadShortcut`, `ChannelShuffle`,
-`FusedBatchNormalization`, defined
+layers plus four of this package (`ZeroPadShortcut`, `ChannelShuffle`,
+`FusedBatchNormalization`, `ChannelsLastConv2D`, defined
 in `keras_we.experiments.layers`), which are registered for serialization
 when `keras_we` is imported, so a `.keras` file saved on one backend loads on
 any backend after `import keras_we`.
@@ -49,7 +52,7 @@ from keras import layers
 
 # Re-exported: they were defined here before `keras_we.experiments.layers`.
 from keras_we.experiments.layers import ChannelShuffle, ZeroPadShortcut  # noqa: F401
-from keras_we.experiments.layers import FusedBatchNormalization
+from keras_we.experiments.layers import ChannelsLastConv2D, FusedBatchNormalization
 
 # PyTorch's `BatchNorm2d(momentum=0.1, eps=1e-5)` in Keras terms.
 BN_MOMENTUM = 0.9
@@ -123,7 +126,7 @@ def _conv_bn(
         Output tensor.
     """
     x, padding = _pad_for(x, kernel_size, strides, name)
-    x = layers.Conv2D(
+    x = ChannelsLastConv2D(
         filters,
         kernel_size,
         strides=strides,
