@@ -884,8 +884,9 @@ def fit_input(sequence, prefetch=2):
     before the end and the next only 10.24 s later: every other epoch
     began with a 9-10 s pause, both cores idle (`benchmarks/throughput.py`,
     20.4 s against 10.6 s epochs). Kept alive, or with autotuning off,
-    every epoch took 10.4-10.7 s. The pipeline also leaves glibc's malloc
-    thresholds alone (see `undo_tf_malloc_patch`).
+    every epoch took 10.4-10.7 s. The pipeline also skips the generator
+    dataset, whose start patches glibc's malloc thresholds (see
+    `undo_tf_malloc_patch`).
 
     Args:
         sequence: A `CifarSequence` (or another `keras.utils.PyDataset`

@@ -20,8 +20,8 @@ Conventions shared by the bundled models, chosen to match PyTorch:
 - `BatchNormalization(momentum=0.9, epsilon=1e-5)`: PyTorch's
   `BatchNorm2d` defaults (its `momentum=0.1` weighs the new batch). The
   layer is `FusedBatchNormalization`, Keras's `BatchNormalization` trained
-  by TensorFlow's fused kernel on that backend (1.5x the images/s of a
-  ResNet-20 on a CPU), Keras's own elsewhere.
+  by TensorFlow's or PyTorch's fused kernel on those backends, Keras's own
+  on JAX.
 - Convolutions are `ChannelsLastConv2D`, Keras's `Conv2D` without the
   PyTorch backend's two layout copies of each input (Keras's own on
   TensorFlow and JAX).
