@@ -151,13 +151,57 @@ def static_shapes():
     """Whether evolution steps compile with static shapes (JAX, and
     TensorFlow with XLA) rather than run op by op (PyTorch, eager).
 
-    The step functions (`keras_we.steps`) choose by it in two places:
-    compiled steps cross every column over and keep the paired ones, and
-    sum columns into items tensor by tensor; eager steps gather the paired
-    columns first (their count depends on the values), and sum all columns
-    into items in one call (every op costs dispatch time).
+    Compiled steps cross every column of a bucket over, keep the paired
+    ones and store every member whole (`steps.crossover`). Eager steps read
+    only the paired columns (known on the host by then) and write them back
+    in place (`steps.crossover_in_place`, `gather_columns`,
+    `scatter_columns`).
     """
     return keras.backend.backend() != "torch"
+
+
+def gather_columns(values, rows, indices):
+    """The columns `indices[m]` (NumPy ints) of each `values[m]` seen as
+    `(rows, -1)`, side by side in one `(rows, sum(len(i) for i in indices))`
+    tensor: nothing but those columns is copied."""
+    if keras.backend.backend() == "torch":
+        import torch
+
+        return torch.cat([
+            torch.reshape(value, (rows, -1)).index_select(1, torch.as_tensor(index, device=value.device))
+            for value, index in zip(values, indices)], 1)
+    return ops.concatenate([ops.take(reshape(value, (rows, -1)), index, axis=1)
+                            for value, index in zip(values, indices)], axis=1)
+
+
+def scatter_columns(variables, values, rows, indices, columns):
+    """The inverse of `gather_columns`: stores `columns` as the columns
+    `indices[m]` of each variable `m` (whose value is `values[m]`) seen as
+    `(rows, -1)`.
+
+    In place on PyTorch, so that no copy of a variable is made (a
+    non-contiguous value is copied, updated and assigned); elsewhere each
+    variable's whole new value is assigned.
+    """
+    ends = np.cumsum([len(index) for index in indices]).tolist()
+    parts = [columns[:, start:end] for start, end in zip([0, *ends[:-1]], ends)]
+    if keras.backend.backend() == "torch":
+        import torch
+
+        with torch.no_grad():
+            for variable, value, index, part in zip(variables, values, indices, parts):
+                index = torch.as_tensor(index, device=value.device)
+                if value.is_contiguous():
+                    value.view(rows, -1).index_copy_(1, index, part.to(value.dtype))
+                else:
+                    view = value.reshape(rows, -1).index_copy(1, index, part.to(value.dtype))
+                    variable.assign(view.reshape(value.shape))
+        return
+    for variable, value, index, part in zip(variables, values, indices, parts):
+        view = ops.transpose(reshape(value, (rows, -1)))
+        view = ops.scatter_update(view, ops.expand_dims(ops.convert_to_tensor(index, "int32"), 1),
+                                  ops.transpose(part))
+        variable.assign(reshape(ops.transpose(view), tuple(variable.shape)))
 
 
 def variable_function(function, variables, writes=False, run_eagerly=False, jit_compile=True):
@@ -209,7 +253,7 @@ def variable_function(function, variables, writes=False, run_eagerly=False, jit_
         compiled = function
 
     def call(*args, write=None):
-        with _no_grad():
+        with no_grad():
             result = compiled([variable.value for variable in variables], *args)
             if not writes:
                 return result
@@ -236,7 +280,7 @@ def _placed_like(value, current):
     return jax.device_put(value, sharding)
 
 
-def _no_grad():
+def no_grad():
     if keras.backend.backend() == "torch":
         import torch
 

@@ -16,7 +16,7 @@ import keras
 from keras import ops
 
 from keras_we import crossovers, steps
-from keras_we.backend_utils import release_free_memory, variable_function
+from keras_we.backend_utils import no_grad, release_free_memory, static_shapes, variable_function
 from keras_we.layers import find_targets
 from keras_we.layouts import GROUPS
 from keras_we.plan import Plan
@@ -152,10 +152,11 @@ class Evolver:
     """Runs evolution steps on a set of targets, compiled once: the one
     driver of the step sequence (see `keras_we.steps`).
 
-    A step is compiled calls over the targets' `Plan`: `measure` (norms
-    and the selection counts), then, after the starvation counters run on
-    the host, `match` (forward matching) and one `crossover` per bucket
-    with paired items, which also writes that bucket's variables.
+    A step over the targets' `Plan` is `measure` (compiled: norms, scores
+    and the selection counts), then, on the host, the starvation counters
+    and forward matching, then one crossover per bucket with paired items,
+    which also writes that bucket's variables: compiled, or on eager
+    PyTorch in place, paired columns only (see `static_shapes`).
 
     Args:
         targets: `keras_we.layers.Target`s, as `find_targets(model)` returns
@@ -192,34 +193,43 @@ class Evolver:
         self._measure = variable_function(
             lambda values, positions: tuple(steps.measure(self.plan, values, positions, local_ratio)),
             variables, run_eagerly=run_eagerly, jit_compile=False)
-        self._match = variable_function(
-            lambda values, norms, finite, counts: tuple(steps.match(self.plan, norms, finite, counts)),
-            [], run_eagerly=run_eagerly)
-        # One compiled crossover per bucket, which writes its own variables.
+        # One compiled crossover per bucket, which writes its own variables;
+        # eager steps cross over in place (see `static_shapes`).
+        self._variables = variables
         self._crossovers = [
             variable_function(
                 lambda values, norms, matching, bucket=bucket: tuple(steps.crossover(
                     self.plan, bucket, values, norms, steps.Matching(*matching))),
                 [variables[t] for t in bucket.tensors], writes=True, run_eagerly=run_eagerly)
             for bucket in self.plan.buckets
-        ]
+        ] if static_shapes() else None
 
     def _cross_over(self, measurement, counts, pairs):
-        """Forward matching, then the crossover of each bucket with paired
-        items, one after the other; returns how many values changed."""
-        norms = measurement.norms
-        matching = self._match(norms, measurement.finite, ops.convert_to_tensor(counts))
+        """Forward matching (on the host), then the crossover of each bucket
+        with paired items, one after the other; returns how many values
+        changed."""
+        plan = self.plan
+        matching = steps.match(plan, ops.convert_to_numpy(measurement.scores), counts)
+        if self._crossovers is not None:
+            norms, matching = measurement.norms, tuple(ops.convert_to_tensor(x) for x in matching)
+        else:
+            norms = ops.convert_to_numpy(measurement.norms)
         changed = 0
-        for bucket, crossover in zip(self.plan.buckets, self._crossovers):
+        for b, bucket in enumerate(plan.buckets):
             members = pairs[list(bucket.tensors)] > 0
-            if members.any():
+            if not members.any():
+                continue
+            if self._crossovers is None:
+                with no_grad():
+                    counted = steps.crossover_in_place(
+                        plan, bucket, [self._variables[t] for t in bucket.tensors], norms, matching)
+            else:
                 # Reading the counts also waits for the bucket's writes, so
                 # that the next bucket is not computed beside this one.
-                counted = ops.convert_to_numpy(crossover(norms, matching, write=members.tolist()))
-                changed += int(counted[members].sum())
-                if bucket.nbytes >= RELEASE_BYTES:
-                    release_free_memory()
-
+                counted = ops.convert_to_numpy(self._crossovers[b](norms, matching, write=members.tolist()))
+            changed += int(counted[members].sum())
+            if bucket.nbytes >= RELEASE_BYTES:
+                release_free_memory()
         return changed
 
     def fits(self, options, targets):
@@ -244,7 +254,7 @@ class Evolver:
             plan, measurement, group_ratios, [state[f"{g}_counter"] for g in plan.groups],
             self.starvation_limit,
             lambda positions: steps.select(
-                plan, measurement.norms, measurement.finite, positions, local_ratio))
+                plan, measurement.scores, positions, local_ratio))
         new_state = dict(state, **{f"{g}_counter": c for g, c in zip(plan.groups, inferior.counters)})
         pairs = plan.pairs(inferior.counts)
         for g, tensors in zip(plan.groups, plan.group_tensors):

@@ -57,6 +57,9 @@ class Bucket:
     column_strides: object  # columns between an item's and the next item's
     # same channel, per column (tensor), or None where it is 1 throughout
     nbytes: int  # the members' values' bytes
+    host_column_items: np.ndarray  # `column_items`, in NumPy
+    host_strides: np.ndarray  # per column, its stride (NumPy)
+    member_columns: tuple  # each member's `(start, end)` columns
 
     def columns(self, values, dtype):
         """The members' values as one `(S, M)` tensor, cast to `dtype`
@@ -78,9 +81,8 @@ class Bucket:
 
     def split_flat(self, values):
         """Values along the last axis (one per column), as one part per member."""
-        ends = np.cumsum(self.widths).tolist()
         # Slices, which cost less dispatch than `ops.split` on PyTorch.
-        return [values[..., start:end] for start, end in zip([0, *ends[:-1]], ends)]
+        return [values[..., start:end] for start, end in self.member_columns]
 
 
 def _fill(tensors, costs, budget):
@@ -118,6 +120,8 @@ class Plan:
         compute_dtype: the dtype scores and crossovers compute in.
         item_tensor, item_group, item_channels, item_ids: per item (tensors).
         buckets: the `Bucket`s, each crossed over (and written) on its own.
+        entrywise: per tensor, whether it is a vector whose values are its
+            items (a BatchNorm gamma or beta): its norms are its magnitudes.
         norm_rows: per tensor, the rows of the view whose column sums of
             magnitudes give its items' norms: `S` (the columns then add into
             items by `Layout.item_sums`), or, for a channel-major tensor
@@ -149,6 +153,7 @@ class Plan:
         self.item_ids = ops.convert_to_tensor(np.arange(self.count, dtype="int32"))
         self.buckets = self._buckets([crossover.rule(l, s) for l, s in zip(self.layouts, self.shapes)])
         self.norm_rows = [self._norm_rows(t) for t in range(len(self.shapes))]
+        self.entrywise = [self._entrywise(t) for t in range(len(self.shapes))]
 
     def _buckets(self, rules):
         starts = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype("int32")
@@ -194,16 +199,24 @@ class Plan:
             return math.prod(shape) // self.sizes[t]
         return rows
 
+    def _entrywise(self, t):
+        """Whether tensor `t` is a vector whose value `i` is its item `i`."""
+        shape, layout = self.shapes[t], self.layouts[t]
+        return (len(shape) == 1 and self.sizes[t] == shape[0] and layout.rows(shape) == 1
+                and bool((layout.column_items(shape) == np.arange(shape[0])).all()))
+
     def _bucket(self, tensors, rule, rows, dtype, views):
-        items = [view[1] for view in views]
-        widths = [len(i) for i in items]
+        items = np.concatenate([view[1] for view in views]).astype("int32")
+        widths = [len(view[1]) for view in views]
         strides = np.repeat([view[2] for view in views], widths).astype("int32")
+        ends = np.cumsum(widths).tolist()
         return Bucket(
             tuple(tensors), rule, rows, dtype, tuple(widths),
-            ops.convert_to_tensor(np.concatenate(items).astype("int32")),
+            ops.convert_to_tensor(items),
             ops.convert_to_tensor(np.repeat(np.arange(len(tensors), dtype="int32"), widths)),
             None if (strides == 1).all() else ops.convert_to_tensor(strides),
             sum(math.prod(self.shapes[t]) * np.dtype(dtype).itemsize for t in tensors),
+            items, strides, tuple(zip([0, *ends[:-1]], ends)),
         )
 
     def positions(self, ratios, finite=None):

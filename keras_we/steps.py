@@ -1,15 +1,18 @@
 """The step functions of one evolution over a `Plan`: the four strategies
 of `keras_we.strategies` applied to a whole model's tensors.
 
-A step is `measure` (compiled: norms and the selection counts, read from
-the variables tensor by tensor), then `inferior_counts` (on the host: the
-starvation counter runs from tensor to tensor), then `match` (compiled:
-forward matching over all items) and `crossover`, one compiled call per
-bucket of the plan that has paired items, each written before the next is
-read, so that the step never holds more than a few copies of one bucket
-(issue 12). `keras_we.evolution.Evolver` drives them. All but
-`inferior_counts` are pure functions of tensors, so that they compile as
-they are.
+A step is `measure` (compiled: norms, scores and the selection counts,
+read from the variables tensor by tensor), then, on the host,
+`inferior_counts` (the starvation counter runs from tensor to tensor) and
+`match` (forward matching: a few thousand scores, ranked in NumPy), then
+one crossover per bucket of the plan that has paired items, each written
+before the next is read. Compiled backends run `crossover` (every column of
+the bucket, the members stored whole: a few copies of one bucket at most);
+eager PyTorch runs `crossover_in_place` (the paired columns alone, read and
+written back in place). Either way a step never holds a copy of the model
+(issue 12). `keras_we.evolution.Evolver` drives them. `measure` and
+`crossover` are pure functions of tensors, so that they compile as they
+are.
 """
 
 from typing import NamedTuple
@@ -18,7 +21,8 @@ import numpy as np
 from keras import ops
 
 from keras_we import strategies
-from keras_we.backend_utils import magnitude_sums, reshape, segment_min, segment_sum, static_shapes
+from keras_we.backend_utils import (
+    gather_columns, magnitude_sums, reshape, scatter_columns, segment_min, segment_sum)
 from keras_we.plan import concatenate
 
 
@@ -27,12 +31,14 @@ class Measurement(NamedTuple):
 
     Attributes:
         norms: per item, its L1 norm (a BatchNorm entry's magnitude).
+        scores: per item, its score (see `scores`).
         finite: per tensor, 1 if its norms are finite (no NaN or inf).
         important: per tensor, its globally important items (`g`).
         weak: per tensor, its locally weak items (`L`).
     """
 
     norms: object
+    scores: object
     finite: object
     important: object
     weak: object
@@ -53,9 +59,9 @@ class Inferior(NamedTuple):
 
 
 class Matching(NamedTuple):
-    """What `match` finds: per item, whether it is an inferior item with a
-    partner (`paired`), and the offset from it to its partner's item
-    number (`shift`)."""
+    """What `match` finds, as NumPy arrays: per item, whether it is an
+    inferior item with a partner (`paired`), and the offset from it to its
+    partner's item number (`shift`)."""
 
     paired: object
     shift: object
@@ -86,21 +92,34 @@ def measure(plan, values, positions, local_ratio):
     """
     norms = item_norms(plan, values)
     finite = segment_min(ops.cast(ops.isfinite(norms), "int32"), plan.item_tensor, len(plan.sizes))
-    important, weak = select(plan, norms, finite, positions, local_ratio)
-    return Measurement(norms, finite, important, weak)
+    item_scores = scores(plan, norms, finite)
+    important, weak = select(plan, item_scores, positions, local_ratio)
+    return Measurement(norms, item_scores, finite, important, weak)
 
 
 def item_norms(plan, values):
     """Items' L1 norms, tensor by tensor: an item's norm is the sum of its
-    columns' sums of magnitudes (no tensor is copied beside the others)."""
-    views = [reshape(value if plan.dtypes[t] == plan.compute_dtype else ops.cast(value, plan.compute_dtype),
-                     (plan.norm_rows[t], -1))
-             for t, value in enumerate(values)]
-    norms = []
-    for t, sums in enumerate(magnitude_sums(views)):
+    columns' sums of magnitudes (no tensor is copied beside the others).
+    Runs of tensors whose values are their items (BatchNorm vectors) take
+    one `abs` of their concatenation, not one call each."""
+    values = [value if plan.dtypes[t] == plan.compute_dtype else ops.cast(value, plan.compute_dtype)
+              for t, value in enumerate(values)]
+    kernels = [t for t in range(len(values)) if not plan.entrywise[t]]
+    sums = dict(zip(kernels, magnitude_sums([reshape(values[t], (plan.norm_rows[t], -1))
+                                             for t in kernels])))
+    norms, run = [], []
+    for t, value in enumerate(values):
+        if plan.entrywise[t]:
+            run.append(value)
+            continue
+        if run:
+            norms.append(ops.abs(concatenate(run, 0)))
+            run = []
         layout, shape = plan.layouts[t], plan.shapes[t]
         direct = plan.norm_rows[t] != layout.rows(shape)  # the sums are the norms
-        norms.append(sums if direct else layout.item_sums(sums, shape))
+        norms.append(sums[t] if direct else layout.item_sums(sums[t], shape))
+    if run:
+        norms.append(ops.abs(concatenate(run, 0)))
     return concatenate(norms, 0)
 
 
@@ -109,10 +128,9 @@ def scores(plan, norms, finite):
     return ops.where(ops.take(finite > 0, plan.item_tensor), norms / plan.item_channels, float("inf"))
 
 
-def select(plan, norms, finite, positions, local_ratio):
+def select(plan, item_scores, positions, local_ratio):
     """Global selection in each group, then local selection in each tensor:
     `(important, weak)` counts per tensor."""
-    item_scores = scores(plan, norms, finite)
     thresholds = [
         strategies.global_threshold(item_scores[start:end], positions[g])
         for g, (start, end) in enumerate(plan.group_items)
@@ -124,45 +142,20 @@ def select(plan, norms, finite, positions, local_ratio):
         item_scores, threshold, local_ratio, plan.item_tensor, len(plan.sizes))
 
 
-def match(plan, norms, finite, counts):
-    """Forward matching in every tensor, `counts[t]` inferior items in
-    tensor `t`: a `Matching`."""
-    partner, paired = strategies.forward_pairs(
-        scores(plan, norms, finite), counts, plan.item_tensor, plan.sizes)
-    return Matching(paired, partner - plan.item_ids)
-
-
 def crossover(plan, bucket, values, norms, matching):
-    """Crossover of one bucket's paired columns; `values` are its members'
-    values, in order. Returns `Crossed`."""
+    """Crossover of one bucket, compiled: `values` are its members' values,
+    in order. Returns `Crossed`.
+
+    Compiled steps need static shapes: every column is crossed over, and
+    the result kept where the column is paired.
+    """
     values = dict(zip(bucket.tensors, values))
     columns = bucket.columns(values, bucket.dtype)
-    new, changed = _bucket_crossover(plan, bucket, columns, norms, matching.paired, matching.shift)
-    return Crossed(bucket.split(new, plan.shapes), changed)
-
-
-def _bucket_crossover(plan, bucket, columns, norms, paired, shift):
-    """A bucket's new columns, and how many values of each member changed."""
-    paired_columns = ops.take(paired, bucket.column_items)
-    if static_shapes():
-        # Compiled steps need static shapes: cross every column over, and
-        # keep the result where the column is paired.
-        index = None
-    else:
-        # Eager PyTorch gathers the paired columns and works on those alone.
-        index = ops.nonzero(paired_columns)[0]
-        if index.shape[0] == 0:
-            return columns, ops.zeros(len(bucket.tensors), "int32")
-
-    def gather(x):
-        return x if index is None else ops.take(x, index, axis=-1)
-
-    items = gather(bucket.column_items)
-    offset = ops.take(shift, items)  # to the partner item
-    column_offset = offset if bucket.column_strides is None else offset * gather(bucket.column_strides)
-    partners = gather(ops.arange(columns.shape[1], dtype="int32")) + column_offset
-    inferior = gather(columns)
-    if index is None and bucket.rule.summarize is not None:
+    paired = ops.take(matching.paired, bucket.column_items)
+    offset = ops.take(matching.shift, bucket.column_items)  # to the partner item
+    column_offset = offset if bucket.column_strides is None else offset * bucket.column_strides
+    partners = ops.arange(columns.shape[1], dtype="int32") + column_offset
+    if bucket.rule.summarize is not None:
         # All the rule needs of a dominant column is its summary (e.g. its
         # strongest element): summarize every column, then take the
         # partners', instead of copying the partner columns whole.
@@ -172,27 +165,73 @@ def _bucket_crossover(plan, bucket, columns, norms, paired, shift):
         dominant = ops.take(columns, partners, axis=1)
     pair_norms = (None, None)
     if bucket.rule.uses_norms:
-        pair_norms = ops.take(norms, items), ops.take(norms, items + offset)
+        pair_norms = ops.take(norms, bucket.column_items), ops.take(norms, bucket.column_items + offset)
+    new, moved = _apply_rule(plan, bucket, columns, dominant, pair_norms, paired)
+    changed = segment_sum(moved, bucket.column_tensors, len(bucket.tensors))
+    return Crossed(bucket.split(new, plan.shapes), changed)
+
+
+def crossover_in_place(plan, bucket, variables, norms, matching):
+    """Crossover of one bucket, eager (PyTorch): only the paired columns
+    are read from `variables` (the members, in order), crossed over, and
+    written back in place, so that the step holds no copy of a member,
+    only the paired columns.
+
+    `norms` and `matching` are NumPy arrays: which columns are paired is
+    known on the host. Returns, per member, how many values changed.
+    """
+    index = np.flatnonzero(matching.paired[bucket.host_column_items])
+    changed = np.zeros(len(bucket.tensors), "int64")
+    if not index.size:
+        return changed
+    item = bucket.host_column_items[index]
+    partner = index + matching.shift[item] * bucket.host_strides[index]
+    # The paired columns of each member, in member coordinates.
+    starts = np.asarray([start for start, _ in bucket.member_columns])
+    member = np.searchsorted(starts, index, side="right") - 1
+    cuts = np.searchsorted(member, np.arange(1, len(starts)))
+    members = np.unique(member)
+    own, partners = ([parts[m] - starts[m] for m in members]
+                     for parts in (np.split(index, cuts), np.split(partner, cuts)))
+    values = [variables[m].value for m in members]
+    pair_norms = (None, None)
+    if bucket.rule.uses_norms:
+        pair_norms = tuple(ops.convert_to_tensor(norms[i]) for i in (item, item + matching.shift[item]))
+    inferior = gather_columns(values, bucket.rows, own)
+    new, moved = _apply_rule(plan, bucket, inferior, gather_columns(values, bucket.rows, partners),
+                             pair_norms, None)
+    np.add.at(changed, member, ops.convert_to_numpy(moved))
+    scatter_columns([variables[m] for m in members], values, bucket.rows, own, new)
+    return changed
+
+
+def _apply_rule(plan, bucket, inferior, dominant, pair_norms, paired):
+    """The bucket's rule on columns `(S, P)` and their partners' (or their
+    summaries): the new columns, and how many values of each changed.
+
+    The old value stays where a result is not finite (a value that fits
+    float32 may overflow a narrower dtype) and, if `paired` is given, in
+    columns that are not paired."""
     # The rules take columns in filter layout, (S, 1, P).
     new = bucket.rule.apply(
         ops.expand_dims(ops.cast(inferior, plan.compute_dtype), 1),
         ops.expand_dims(ops.cast(dominant, plan.compute_dtype), 1),
         *pair_norms)
     new = ops.cast(ops.squeeze(new, 1), bucket.dtype)
-    # Keep the old value in unpaired columns and where a result is not
-    # finite (a value that fits float32 may overflow a narrower dtype).
-    keep = ops.logical_not(ops.logical_and(ops.isfinite(new), gather(paired_columns)))
-    new = ops.where(keep, inferior, new)
-    moved = ops.sum(ops.cast(new != inferior, "int32"), axis=0)
-    changed = segment_sum(moved, gather(bucket.column_tensors), len(bucket.tensors))
-    if index is None:
-        return new, changed
-    # Scatter the new columns back, as rows of the transpose.
-    rows = ops.scatter_update(ops.transpose(columns), ops.expand_dims(index, 1), ops.transpose(new))
-    return ops.transpose(rows), changed
+    keep = ops.isfinite(new) if paired is None else ops.logical_and(ops.isfinite(new), paired)
+    new = ops.where(ops.logical_not(keep), inferior, new)
+    return new, ops.sum(ops.cast(new != inferior, "int32"), axis=0)
 
 
 # ---------------------------------------------------------------- host
+
+
+def match(plan, item_scores, counts):
+    """Forward matching in every tensor, `counts[t]` inferior items in
+    tensor `t`, on the host: a `Matching` of NumPy arrays."""
+    item_tensor = np.repeat(np.arange(len(plan.sizes)), plan.sizes)
+    partner, paired = strategies.forward_pairs(item_scores, counts, item_tensor, plan.sizes)
+    return Matching(paired, (partner - np.arange(plan.count)).astype("int32"))
 
 
 def inferior_counts(plan, measurement, ratios, counters, starvation_limit, reselect):

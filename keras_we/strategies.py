@@ -3,7 +3,10 @@
 Global selection, local selection, forward matching and crossover, in the
 terms of Lin et al., "Weight Evolution" (ACM MM 2021) and of `SPEC.md`.
 Every function takes and returns backend tensors and uses `keras.ops` only,
-so the same code runs eagerly, under `jax.jit` and inside `tf.function`.
+so the same code runs eagerly, under `jax.jit` and inside `tf.function`;
+but for the two that run on the host, between compiled calls, on a few
+numbers per layer: `inferior_count` (Python ints) and `forward_pairs`
+(NumPy).
 
 Crossovers take paired filters in *filter layout* `(S, C, P)`: `S` spatial
 positions in row-major order, `C` input channels of one filter and `P`
@@ -16,7 +19,7 @@ import math
 import numpy as np
 from keras import ops
 
-from keras_we.backend_utils import first_extreme_index, segment_max, segment_sum, stable_argsort
+from keras_we.backend_utils import first_extreme_index, segment_max, segment_sum
 
 # ---------------------------------------------------------------- scores
 
@@ -130,27 +133,31 @@ def forward_pairs(scores, counts, layer_ids=None, sizes=None):
     `sizes` (Python ints) each layer's `n` and `counts` each layer's `k`.
     With `layer_ids=None` all items form one layer and `counts` is its `k`.
 
+    Matching runs on the host, in NumPy, like the starvation counter that
+    gives `counts`: a model has a few thousand items, which NumPy ranks in
+    less time than one compiled call takes to start. Tensors are accepted.
+
     Returns:
-        `(partner, paired)`: for every item, the index of its dominant
-        partner and whether it is an inferior item that has one. `partner`
-        is meaningful only where `paired` is true.
+        `(partner, paired)`, NumPy arrays: for every item, the index of its
+        dominant partner and whether it is an inferior item that has one.
+        `partner` is meaningful only where `paired` is true.
     """
+    scores = np.asarray(ops.convert_to_numpy(scores))
+    counts = np.asarray(ops.convert_to_numpy(counts), "int64").reshape(-1)
     if layer_ids is None:
-        layer_ids = ops.zeros(scores.shape, "int32")
-        sizes = (scores.shape[0],)
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype("int32")
-    # Best first within each layer: sort by score, then (stably) by layer.
-    order = stable_argsort(-scores)
-    order = ops.take(order, stable_argsort(ops.take(layer_ids, order)))
-    start = ops.take(starts, layer_ids)
-    size = ops.take(np.asarray(sizes, "int32"), layer_ids)
-    count = ops.take(ops.reshape(counts, (-1,)), layer_ids)
-    # Each item's rank in its layer: the inverse permutation of `order`.
-    positions = ops.arange(scores.shape[0], dtype="int32")
-    rank = ops.scatter_update(positions, ops.expand_dims(order, 1), positions) - start
-    offset = rank - (size - count)
-    paired = ops.logical_and(offset >= 0, offset < ops.minimum(count, size - count))
-    partner = ops.take(order, start + ops.clip(offset, 0, size - 1))
+        layer_ids, sizes = np.zeros(scores.shape, "int64"), (scores.shape[0],)
+    layer_ids = np.asarray(ops.convert_to_numpy(layer_ids), "int64")
+    sizes = np.asarray(sizes, "int64")
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    # Best first within each layer, ties in index order: `lexsort` is
+    # stable and sorts by its last key first.
+    order = np.lexsort((-scores, layer_ids))
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    start, size, count = starts[layer_ids], sizes[layer_ids], counts[layer_ids]
+    offset = rank - start - (size - count)
+    paired = (offset >= 0) & (offset < np.minimum(count, size - count))
+    partner = order[start + np.clip(offset, 0, size - 1)]
     return partner, paired
 
 

@@ -43,10 +43,10 @@ def test_segments_of_ints_match_keras(name):
 
 @pytest.mark.parametrize("mode", ["paper", "reference"])
 def test_both_step_styles_compute_the_same_evolution(monkeypatch, mode):
-    """The steps' two backend-dependent choices (`static_shapes`: all columns
-    or the paired ones; norms by layout or in one segment sum) agree
-    exactly, on every backend, run eagerly."""
-    from keras_we import steps
+    """The steps' two styles (`static_shapes`: every column crossed over and
+    the members stored whole, or the paired columns alone, gathered and
+    written back in place) agree exactly, on every backend, run eagerly."""
+    from keras_we import evolution
     from keras_we.evolution import EvolutionOptions, Evolver
     from keras_we.layers import find_targets
 
@@ -54,7 +54,7 @@ def test_both_step_styles_compute_the_same_evolution(monkeypatch, mode):
                                schedule=lambda epoch: 1.0, crossover=mode)
     results = []
     for static in (True, False):
-        monkeypatch.setattr(steps, "static_shapes", lambda: static)
+        monkeypatch.setattr(evolution, "static_shapes", lambda: static)
         keras.utils.set_random_seed(0)
         model = keras.Sequential([
             keras.Input((6, 6, 3)),
@@ -93,6 +93,48 @@ def test_variable_function_reads_and_writes():
     # the same); here `b` gets a new value, so the mask shows.
     want_b = 2.0 if keras.backend.backend() == "tensorflow" else 1.0
     np.testing.assert_array_equal(numpy(b), np.full(3, want_b))
+
+
+def test_gather_and_scatter_columns_touch_only_those_columns():
+    """The eager step's column access: `gather_columns` reads the columns
+    of several variables seen as `(rows, -1)`, `scatter_columns` writes
+    new ones back there and nowhere else; on PyTorch in place."""
+    kernel = np.arange(3 * 3 * 2 * 4, dtype="float32").reshape(3, 3, 2, 4)
+    other = np.arange(100, 100 + 3 * 3 * 1 * 2, dtype="float32").reshape(3, 3, 1, 2)
+    variables = [keras.Variable(kernel), keras.Variable(other)]
+    indices = [np.asarray([1, 6]), np.asarray([0])]
+    values = [v.value for v in variables]
+    got = numpy(backend_utils.gather_columns(values, 9, indices))
+    want = np.concatenate([kernel.reshape(9, 8)[:, [1, 6]], other.reshape(9, 2)[:, [0]]], 1)
+    np.testing.assert_array_equal(got, want)
+
+    pointers = [v.value.data_ptr() for v in variables] if keras.backend.backend() == "torch" else None
+    new = -np.arange(27, dtype="float32").reshape(9, 3)
+    backend_utils.scatter_columns(variables, values, 9, indices, ops.convert_to_tensor(new))
+    want_kernel, want_other = kernel.reshape(9, 8).copy(), other.reshape(9, 2).copy()
+    want_kernel[:, [1, 6]], want_other[:, [0]] = new[:, :2], new[:, 2:]
+    np.testing.assert_array_equal(numpy(variables[0]), want_kernel.reshape(kernel.shape))
+    np.testing.assert_array_equal(numpy(variables[1]), want_other.reshape(other.shape))
+    if pointers is not None:  # written in place: no new storage
+        assert [v.value.data_ptr() for v in variables] == pointers
+
+
+def test_scatter_columns_assigns_a_non_contiguous_torch_value():
+    """A PyTorch value that cannot be viewed as `(rows, -1)` (here a
+    transposed one) is updated on a copy, then assigned whole."""
+    if keras.backend.backend() != "torch":
+        pytest.skip("only PyTorch writes in place")
+    import torch
+
+    variable = keras.Variable(np.zeros((3, 4), "float32"))
+    base = torch.arange(12, dtype=torch.float32).reshape(4, 3)
+    variable._value = torch.nn.Parameter(base.t(), requires_grad=True)  # (3, 4), not contiguous
+    assert not variable.value.is_contiguous()
+    before = base.t().numpy().copy()
+    backend_utils.scatter_columns([variable], [variable.value], 3, [np.asarray([2])],
+                                  torch.full((3, 1), -1.0))
+    before[:, 2] = -1.0
+    np.testing.assert_array_equal(numpy(variable), before)
 
 
 def test_stable_argsort_keeps_ties_in_index_order_on_numpy_too(monkeypatch):

@@ -370,6 +370,29 @@ def test_forward_pairs_per_layer():
     assert {j: int(partner[j]) for j in np.flatnonzero(paired)} == {5: 1, 2: 4, 7: 8, 9: 10}
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_forward_pairs_matches_the_definition_on_random_layers(seed):
+    """Against the definition, layer by layer: rank by descending score,
+    ties in index order (scores drawn from a few values, so ties abound,
+    dead items included), rank `n - k + i` takes rank `i`."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(2, 12, size=6).tolist()
+    counts = [int(rng.integers(0, n + 1)) for n in sizes]
+    counts[0] = sizes[0] // 2  # at least one pair
+    scores = rng.choice([0.0, 0.25, 0.5, 1.0, np.inf], size=sum(sizes)).astype("float32")
+    layer_ids = np.repeat(np.arange(len(sizes)), sizes)
+    partner, paired = strategies.forward_pairs(tensor(scores), tensor(counts, "int32"),
+                                               tensor(layer_ids, "int32"), sizes)
+    assert isinstance(partner, np.ndarray) and paired.dtype == bool
+    want, start = {}, 0
+    for n, k in zip(sizes, counts):
+        ranked = sorted(range(start, start + n), key=lambda j: (-scores[j], j))
+        want.update({ranked[n - k + i]: ranked[i] for i in range(min(k, n - k))})
+        start += n
+    assert {j: int(partner[j]) for j in np.flatnonzero(paired)} == want
+    assert int(paired.sum()) == sum(min(k, n - k) for n, k in zip(sizes, counts))
+
+
 # ============================================================= crossover
 
 
