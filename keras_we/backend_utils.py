@@ -87,25 +87,38 @@ def release_free_memory():
         _LIBC[0](0)
 
 
+# PyTorch's `magnitude_sums` works through a scratch buffer of at most this
+# many bytes, a tensor larger than that a block of columns at a time.
+SCRATCH_BYTES = 2**18
+
+
 def magnitude_sums(tensors):
-    """`sum(abs(x), axis=0)` of each tensor `x` in `tensors` (one dtype).
+    """`sum(abs(x), axis=0)` of each 2-D tensor `x` in `tensors` (one dtype).
 
     PyTorch runs op by op and would allocate every tensor's magnitudes
     anew, and glibc keeps much of that memory from the system (a ResNet-50's
     norms held 52 MB above the 90 MB of weights); it writes them into one
-    scratch buffer, the size of the largest tensor, instead.
+    scratch buffer of at most `SCRATCH_BYTES` instead, a block of whole
+    columns at a time (the sums are the same).
     """
     if keras.backend.backend() != "torch" or not tensors:
         return [ops.sum(ops.abs(x), axis=0) for x in tensors]
     import torch
 
     tensors = [ops.convert_to_tensor(x) for x in tensors]
-    scratch = torch.empty(max(x.numel() for x in tensors), dtype=tensors[0].dtype,
-                          device=tensors[0].device)
+    itemsize = tensors[0].element_size()
+    size = min(max(x.numel() for x in tensors), max(SCRATCH_BYTES // itemsize, max(x.shape[0] for x in tensors)))
+    scratch = torch.empty(size, dtype=tensors[0].dtype, device=tensors[0].device)
     sums = []
     for x in tensors:
-        magnitudes = torch.abs(x, out=scratch[:x.numel()].view(x.shape))
-        sums.append(torch.sum(magnitudes, dim=0))
+        rows, columns = x.shape
+        block = max(1, size // max(rows, 1))
+        parts = []
+        for start in range(0, columns, block):
+            part = x[:, start:start + block]
+            magnitudes = torch.abs(part, out=scratch[:part.numel()].view(part.shape))
+            parts.append(torch.sum(magnitudes, dim=0))
+        sums.append(parts[0] if len(parts) == 1 else torch.cat(parts))
     return sums
 
 

@@ -158,3 +158,16 @@ def test_first_extreme_index_takes_the_first_of_tied_extremes(largest):
     assert got.shape == (2, 500) and got[0, 0] == 0
     np.testing.assert_array_equal(got, want)
     assert (np.sum(x == (x.max(0) if largest else x.min(0)), axis=0) > 1).mean() > 0.5
+
+
+@pytest.mark.parametrize("scratch_bytes", [64, 2**18, 2**40])
+def test_magnitude_sums_whatever_the_scratch_buffer(monkeypatch, scratch_bytes):
+    # PyTorch sums through a bounded scratch buffer, a block of columns at a
+    # time (64 bytes: one column of the tall tensor at a time); every
+    # backend gives NumPy's column sums of magnitudes.
+    monkeypatch.setattr(backend_utils, "SCRATCH_BYTES", scratch_bytes)
+    rng = np.random.default_rng(2)
+    arrays = [rng.normal(size=shape).astype("float32") for shape in [(9, 100), (300, 7), (1, 5)]]
+    got = backend_utils.magnitude_sums([ops.convert_to_tensor(a) for a in arrays])
+    for a, g in zip(arrays, got):
+        np.testing.assert_allclose(numpy(g), np.abs(a).sum(axis=0), rtol=1e-6)
