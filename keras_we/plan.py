@@ -118,7 +118,7 @@ class Plan:
         groups: the group names present, in plan order; `group_tensors[g]`
             the tensors of each, `group_items[g]` its `(start, end)` items.
         compute_dtype: the dtype scores and crossovers compute in.
-        item_tensor, item_group, item_channels, item_ids: per item (tensors).
+        item_tensor, item_group, item_channels: per item (tensors).
         buckets: the `Bucket`s, each crossed over (and written) on its own.
         entrywise: per tensor, whether it is a vector whose values are its
             items (a BatchNorm gamma or beta): its norms are its magnitudes.
@@ -150,7 +150,6 @@ class Plan:
         self.item_group = ops.convert_to_tensor(np.repeat(group_of, self.sizes))
         channels = [layout.channels(s) for layout, s in zip(self.layouts, self.shapes)]
         self.item_channels = ops.convert_to_tensor(np.repeat(channels, self.sizes), self.compute_dtype)
-        self.item_ids = ops.convert_to_tensor(np.arange(self.count, dtype="int32"))
         self.buckets = self._buckets([crossover.rule(l, s) for l, s in zip(self.layouts, self.shapes)])
         self.norm_rows = [self._norm_rows(t) for t in range(len(self.shapes))]
         self.entrywise = [self._entrywise(t) for t in range(len(self.shapes))]
