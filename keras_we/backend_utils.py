@@ -35,22 +35,32 @@ def reshape(x, shape):
     return ops.reshape(x, shape)
 
 
-def first_extreme_index(x, largest):
-    """Index along axis 0 of the first largest (smallest) value of `x`.
+def first_extreme(values, magnitudes, largest):
+    """Per position of axes 1.., the element of `values` along axis 0 at
+    the first largest (smallest) of `magnitudes`.
 
-    JAX and PyTorch promise that `argmax`/`argmin` return the first index
-    of a tie; TensorFlow does not, so there it is spelled out (a compare
-    with the extreme, then the least index that matches), which XLA on JAX
-    would compute with two more full-size copies.
+    JAX and PyTorch promise that `argmax`/`argmin` (and PyTorch's
+    `max`/`min` along an axis) return the first index of a tie; TensorFlow
+    does not, so there it is spelled out (a compare with the extreme, then
+    the least index that matches), which XLA on JAX would compute with two
+    more full-size copies. A NaN may be picked; the index is always in
+    range.
     """
     if keras.backend.backend() == "torch":
         import torch
 
-        # PyTorch reduces a short strided axis slowly: along axis 0 of a
-        # (9, 1, 16384) tensor 3x slower than along a contiguous last axis
-        # after the copy (2.1 ms against 0.7 ms, one thread).
-        last = torch.movedim(ops.convert_to_tensor(x), 0, -1).contiguous()
-        return torch.argmax(last, dim=-1) if largest else torch.argmin(last, dim=-1)
+        # `min`/`max` along a short strided axis are as fast as along a
+        # contiguous one, where `argmin`/`argmax` are 10x slower: on a
+        # (9, 11000) tensor, 0.12 ms against 1.9 ms (0.26 ms after a copy
+        # to the last axis); `gather` is 3x faster than `take_along_dim`.
+        first = (torch.max if largest else torch.min)(magnitudes, dim=0).indices
+        return torch.gather(values, 0, first[None])[0]
+    return ops.take_along_axis(values, _first_extreme_index(magnitudes, largest)[None], axis=0)[0]
+
+
+def _first_extreme_index(x, largest):
+    """Index along axis 0 of the first largest (smallest) value of `x` (on
+    TensorFlow and JAX; see `first_extreme`)."""
     if keras.backend.backend() == "jax":
         return ops.argmax(x, axis=0) if largest else ops.argmin(x, axis=0)
     target = ops.max(x, axis=0, keepdims=True) if largest else ops.min(x, axis=0, keepdims=True)

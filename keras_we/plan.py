@@ -123,10 +123,10 @@ class Plan:
         entrywise: per tensor, whether it is a vector whose values are its
             items (a BatchNorm gamma or beta): its norms are its magnitudes.
         norm_rows: per tensor, the rows of the view whose column sums of
-            magnitudes give its items' norms: `S` (the columns then add into
-            items by `Layout.item_sums`), or, for a channel-major tensor
-            with `S = 1` (a 1x1 kernel, a vector), its `C` channels, whose
-            sums are the items' norms: the same numbers, without a copy.
+            magnitudes give its items' norms: for a channel-major tensor (a
+            regular kernel, a vector) `S * C`, whose column sums are the
+            items' norms, else `S` (the columns then add into items by
+            `Layout.item_sums`).
     """
 
     def __init__(self, targets, crossover):
@@ -193,10 +193,9 @@ class Plan:
         """The rows of the view of tensor `t` whose column sums of
         magnitudes give its items' norms (see `norm_rows`)."""
         shape = self.shapes[t]
-        rows = self.layouts[t].rows(shape)
-        if rows == 1 and self._channel_major(t):
+        if self._channel_major(t):
             return math.prod(shape) // self.sizes[t]
-        return rows
+        return self.layouts[t].rows(shape)
 
     def _entrywise(self, t):
         """Whether tensor `t` is a vector whose value `i` is its item `i`."""

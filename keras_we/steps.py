@@ -186,13 +186,13 @@ def crossover_in_place(plan, bucket, variables, norms, matching):
         return changed
     item = bucket.host_column_items[index]
     partner = index + matching.shift[item] * bucket.host_strides[index]
-    # The paired columns of each member, in member coordinates.
-    starts = np.asarray([start for start, _ in bucket.member_columns])
-    member = np.searchsorted(starts, index, side="right") - 1
-    cuts = np.searchsorted(member, np.arange(1, len(starts)))
-    members = np.unique(member)
-    own, partners = ([parts[m] - starts[m] for m in members]
-                     for parts in (np.split(index, cuts), np.split(partner, cuts)))
+    # The paired columns of each member, in member coordinates (`index` is
+    # sorted, so each member's are one run of it).
+    starts = [start for start, _ in bucket.member_columns]
+    bounds = np.searchsorted(index, [*starts, bucket.member_columns[-1][1]])
+    members = np.flatnonzero(np.diff(bounds))
+    own, partners = ([columns[bounds[m]:bounds[m + 1]] - starts[m] for m in members]
+                     for columns in (index, partner))
     values = [variables[m].value for m in members]
     pair_norms = (None, None)
     if bucket.rule.uses_norms:
@@ -200,7 +200,7 @@ def crossover_in_place(plan, bucket, variables, norms, matching):
     inferior = gather_columns(values, bucket.rows, own)
     new, moved = _apply_rule(plan, bucket, inferior, gather_columns(values, bucket.rows, partners),
                              pair_norms, None)
-    np.add.at(changed, member, ops.convert_to_numpy(moved))
+    changed[members] = np.add.reduceat(ops.convert_to_numpy(moved), bounds[members])
     scatter_columns([variables[m] for m in members], values, bucket.rows, own, new)
     return changed
 

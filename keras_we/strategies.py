@@ -19,7 +19,7 @@ import math
 import numpy as np
 from keras import ops
 
-from keras_we.backend_utils import first_extreme_index, segment_max, segment_sum
+from keras_we.backend_utils import first_extreme, segment_max, segment_sum
 
 # ---------------------------------------------------------------- scores
 
@@ -234,7 +234,6 @@ def largest_elements(filters):
 
 def _first_extreme(filters, largest):
     """Per (channel, filter): the first element of largest/smallest magnitude."""
-    first = first_extreme_index(ops.abs(filters), largest)
     # A NaN may be picked (such tensors are skipped, but may be computed
-    # alongside evolving ones); the index is always in range.
-    return ops.take_along_axis(filters, first[None], axis=0)[0]
+    # alongside evolving ones).
+    return first_extreme(filters, ops.abs(filters), largest)

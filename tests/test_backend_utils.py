@@ -147,17 +147,26 @@ def test_stable_argsort_keeps_ties_in_index_order_on_numpy_too(monkeypatch):
 
 
 @pytest.mark.parametrize("largest", [True, False])
-def test_first_extreme_index_takes_the_first_of_tied_extremes(largest):
-    # Columns of 9 values drawn from 3 levels, so that most columns hold
-    # their extreme several times; the answer is NumPy's first index.
+def test_first_extreme_takes_the_first_of_tied_extremes(largest):
+    # Columns of 9 values drawn from 5 signed levels, so that most columns
+    # hold their extreme magnitude several times, with both signs; the
+    # answer is the value at NumPy's first index.
     rng = np.random.default_rng(0)
-    x = rng.integers(0, 3, size=(9, 2, 500)).astype("float32")
+    x = rng.integers(-2, 3, size=(9, 2, 500)).astype("float32")
     x[:, 0, 0] = 1.0  # all tied
-    got = numpy(backend_utils.first_extreme_index(ops.convert_to_tensor(x), largest))
-    want = np.argmax(x, axis=0) if largest else np.argmin(x, axis=0)
-    assert got.shape == (2, 500) and got[0, 0] == 0
+    x[:, 0, 1] = [1, -1, 1, -1, 1, -1, 1, -1, 1]  # tied magnitudes, the first is +1
+    magnitudes = np.abs(x)
+    got = numpy(backend_utils.first_extreme(
+        ops.convert_to_tensor(x), ops.convert_to_tensor(magnitudes), largest))
+    first = np.argmax(magnitudes, axis=0) if largest else np.argmin(magnitudes, axis=0)
+    want = np.take_along_axis(x, first[None], axis=0)[0]
+    assert got.shape == (2, 500) and got[0, 0] == 1 and got[0, 1] == 1
     np.testing.assert_array_equal(got, want)
-    assert (np.sum(x == (x.max(0) if largest else x.min(0)), axis=0) > 1).mean() > 0.5
+    extreme = magnitudes.max(0) if largest else magnitudes.min(0)
+    ties = np.sum(magnitudes == extreme, axis=0) > 1
+    assert ties.mean() > 0.5
+    # Where tied magnitudes differ in sign, only the first index is right.
+    assert (ties & (np.sum(x == -want, axis=0) > 0)).mean() > 0.2
 
 
 @pytest.mark.parametrize("scratch_bytes", [64, 2**18, 2**40])
