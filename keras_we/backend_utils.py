@@ -35,6 +35,19 @@ def reshape(x, shape):
     return ops.reshape(x, shape)
 
 
+def concatenate(tensors, axis):
+    """`keras.ops.concatenate` (one tensor stays as it is); on PyTorch
+    `torch.cat`, since Keras converts and type-checks each tensor (a
+    ResNet-56's 110 BatchNorm vectors: 150 us against 11 us)."""
+    if len(tensors) == 1:
+        return tensors[0]
+    if keras.backend.backend() == "torch":
+        import torch
+
+        return torch.cat(tensors, axis)
+    return ops.concatenate(tensors, axis=axis)
+
+
 def first_extreme(values, magnitudes, largest):
     """Per position of axes 1.., the element of `values` along axis 0 at
     the first largest (smallest) of `magnitudes`.

@@ -210,16 +210,17 @@ class Evolver:
         changed."""
         plan = self.plan
         matching = steps.match(plan, ops.convert_to_numpy(measurement.scores), counts)
-        if self._crossovers is not None:
-            norms, matching = measurement.norms, tuple(ops.convert_to_tensor(x) for x in matching)
-        else:
+        in_place = self._crossovers is None
+        if in_place:
             norms = ops.convert_to_numpy(measurement.norms)
+        else:
+            norms, matching = measurement.norms, tuple(ops.convert_to_tensor(x) for x in matching)
         changed = 0
         for b, bucket in enumerate(plan.buckets):
             members = pairs[list(bucket.tensors)] > 0
             if not members.any():
                 continue
-            if self._crossovers is None:
+            if in_place:
                 with no_grad():
                     counted = steps.crossover_in_place(
                         plan, bucket, [self._variables[t] for t in bucket.tensors], norms, matching)

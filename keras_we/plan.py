@@ -15,7 +15,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_we.backend_utils import reshape
+from keras_we.backend_utils import concatenate, reshape
 from keras_we.layouts import GROUPS
 from keras_we.strategies import threshold_position
 
@@ -96,10 +96,6 @@ def _fill(tensors, costs, budget):
         run.append(t)
         total += costs[t]
     return runs + [run]
-
-
-def concatenate(tensors, axis):
-    return ops.concatenate(tensors, axis=axis) if len(tensors) > 1 else tensors[0]
 
 
 class Plan:

@@ -22,8 +22,7 @@ from keras import ops
 
 from keras_we import strategies
 from keras_we.backend_utils import (
-    gather_columns, magnitude_sums, reshape, scatter_columns, segment_min, segment_sum)
-from keras_we.plan import concatenate
+    concatenate, gather_columns, magnitude_sums, reshape, scatter_columns, segment_min, segment_sum)
 
 
 class Measurement(NamedTuple):
