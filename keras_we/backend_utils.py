@@ -1,6 +1,8 @@
 """The few places where Keras backends differ for Weight Evolution: every
 backend switch of the evolution step is in this module."""
 
+import functools
+
 import keras
 import numpy as np
 from keras import ops
@@ -269,16 +271,11 @@ def variable_function(function, variables, writes=False, run_eagerly=False, jit_
         distributed = any(
             isinstance(v.value, tf.distribute.DistributedValues) for v in variables)
 
-        @tf.function(autograph=False, jit_compile=jit_compile and not distributed)
-        def run(*args):
-            result = function([variable.value for variable in variables], *args)
-            if not writes:
-                return result
-            new_values, outputs = result
-            for variable, value in zip(variables, new_values):
-                variable.assign(value)
-            return outputs
-
+        # A `partial`, not a closure: TensorFlow counts traces per code
+        # object, so that the one trace of each of a step's functions (one
+        # per bucket) would add up to a warning about frequent retracing.
+        run = tf.function(functools.partial(_read_write, function, variables, writes),
+                          autograph=False, jit_compile=jit_compile and not distributed)
         return lambda *args, write=None: run(*args)
 
     if name == "jax" and not run_eagerly:
@@ -300,6 +297,18 @@ def variable_function(function, variables, writes=False, run_eagerly=False, jit_
         return outputs
 
     return call
+
+
+def _read_write(function, variables, writes, *args):
+    """`function` on the values of `variables`, storing the new values it
+    returns if it `writes` (TensorFlow's `variable_function`)."""
+    result = function([variable.value for variable in variables], *args)
+    if not writes:
+        return result
+    new_values, outputs = result
+    for variable, value in zip(variables, new_values):
+        variable.assign(value)
+    return outputs
 
 
 def _placed_like(value, current):
