@@ -50,9 +50,9 @@ def concatenate(tensors, axis):
     return ops.concatenate(tensors, axis=axis)
 
 
-def first_extreme(values, magnitudes, largest):
-    """Per position of axes 1.., the element of `values` along axis 0 at
-    the first largest (smallest) of `magnitudes`.
+def first_extreme(values, largest):
+    """Per position of axes 1.., the first element along axis 0 of largest
+    (smallest) magnitude, e.g. per (channel, filter) of filters `(S, C, P)`.
 
     JAX and PyTorch promise that `argmax`/`argmin` (and PyTorch's
     `max`/`min` along an axis) return the first index of a tie; TensorFlow
@@ -61,6 +61,7 @@ def first_extreme(values, magnitudes, largest):
     more full-size copies. A NaN may be picked; the index is always in
     range.
     """
+    magnitudes = ops.abs(values)
     if keras.backend.backend() == "torch":
         import torch
 

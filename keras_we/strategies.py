@@ -218,8 +218,8 @@ def element_crossover(inferior, dominant, element):
 
     Returns the new inferior filters.
     """
-    largest = _first_extreme(dominant, largest=True)
-    smallest = _first_extreme(inferior, largest=False)
+    largest = first_extreme(dominant, largest=True)
+    smallest = first_extreme(inferior, largest=False)
     value, valid = element(smallest, largest)
     replace = ops.logical_and(inferior == smallest, valid)
     return ops.where(replace, value, inferior)
@@ -229,11 +229,4 @@ def largest_elements(filters):
     """Per channel of each filter, its first element of largest magnitude,
     as filters of one spatial position, `(1, C, P)`: all that
     `element_crossover` reads of its dominant filters."""
-    return ops.expand_dims(_first_extreme(filters, largest=True), 0)
-
-
-def _first_extreme(filters, largest):
-    """Per (channel, filter): the first element of largest/smallest magnitude."""
-    # A NaN may be picked (such tensors are skipped, but may be computed
-    # alongside evolving ones).
-    return first_extreme(filters, ops.abs(filters), largest)
+    return ops.expand_dims(first_extreme(filters, largest=True), 0)
