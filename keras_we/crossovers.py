@@ -27,7 +27,9 @@ class Rule:
     `apply(inferior, dominant, inferior_norms, dominant_norms)` takes the
     paired columns in filter layout `(S, 1, P)` (a column is one input
     channel of a filter, see `keras_we.layouts`) and the L1 norms of their
-    whole filters, and returns the new inferior columns.
+    whole filters, and returns the new inferior columns. It changes a value
+    only to a finite one: where its formula gives NaN or inf, or is not
+    valid, the old value stays (`steps` relies on it).
 
     `filterwise`: the rule treats all values of a filter alike (its
     formula depends on them only through the whole filter's norms), so a

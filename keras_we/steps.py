@@ -22,7 +22,8 @@ from keras import ops
 
 from keras_we import strategies
 from keras_we.backend_utils import (
-    concatenate, gather_columns, magnitude_sums, reshape, scatter_columns, segment_min, segment_sum)
+    concatenate, gather_columns, magnitude_sums, reshape, scatter_columns, segment_min, segment_sum,
+    sum_rows)
 
 
 class Measurement(NamedTuple):
@@ -208,18 +209,24 @@ def _apply_rule(plan, bucket, inferior, dominant, pair_norms, paired):
     """The bucket's rule on columns `(S, P)` and their partners' (or their
     summaries): the new columns, and how many values of each changed.
 
-    The old value stays where a result is not finite (a value that fits
-    float32 may overflow a narrower dtype) and, if `paired` is given, in
-    columns that are not paired."""
+    The rules change a value only to a finite one (a non-finite result
+    keeps the old value). The old value also stays where a result
+    overflows the variables' dtype (a value that fits float32 may not fit a
+    narrower one) and, if `paired` is given, in columns that are not
+    paired."""
     # The rules take columns in filter layout, (S, 1, P).
     new = bucket.rule.apply(
         ops.expand_dims(ops.cast(inferior, plan.compute_dtype), 1),
         ops.expand_dims(ops.cast(dominant, plan.compute_dtype), 1),
         *pair_norms)
-    new = ops.cast(ops.squeeze(new, 1), bucket.dtype)
-    keep = ops.isfinite(new) if paired is None else ops.logical_and(ops.isfinite(new), paired)
-    new = ops.where(ops.logical_not(keep), inferior, new)
-    return new, ops.sum(ops.cast(new != inferior, "int32"), axis=0)
+    new = ops.squeeze(new, 1)
+    keep = paired
+    if bucket.dtype != plan.compute_dtype:
+        new = ops.cast(new, bucket.dtype)
+        keep = ops.isfinite(new) if keep is None else ops.logical_and(ops.isfinite(new), keep)
+    if keep is not None:
+        new = ops.where(keep, new, inferior)
+    return new, sum_rows(ops.cast(new != inferior, "int32"))
 
 
 # ---------------------------------------------------------------- host

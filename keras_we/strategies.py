@@ -214,13 +214,16 @@ def element_crossover(inferior, dominant, element):
     largest magnitude and `s` the inferior filter's element of smallest
     magnitude (the first in row-major order on ties). Every element of the
     inferior channel equal to `s` becomes `element(s, l)`, the crossover
-    mode's formula (see `keras_we.crossovers`), where that is valid.
+    mode's formula (see `keras_we.crossovers`), where that is valid and
+    finite (a mode's formula may return NaN or inf: the old value stays).
 
     Returns the new inferior filters.
     """
     largest = first_extreme(dominant, largest=True)
     smallest = first_extreme(inferior, largest=False)
     value, valid = element(smallest, largest)
+    # Checked per channel, not per element of the filters.
+    valid = ops.logical_and(valid, ops.isfinite(value))
     replace = ops.logical_and(inferior == smallest, valid)
     return ops.where(replace, value, inferior)
 

@@ -147,16 +147,26 @@ def test_stable_argsort_keeps_ties_in_index_order_on_numpy_too(monkeypatch):
 
 
 @pytest.mark.parametrize("largest", [True, False])
-def test_first_extreme_takes_the_first_of_tied_extremes(largest):
-    # Columns of 9 values drawn from 5 signed levels, so that most columns
-    # hold their extreme magnitude several times, with both signs; the
-    # answer is the value at NumPy's first index.
+@pytest.mark.parametrize("rows", [9, backend_utils.UNROLLED_ROWS + 11])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_first_extreme_takes_the_first_of_tied_extremes(largest, rows, compiled):
+    # Columns of `rows` values drawn from 5 signed levels, so that most
+    # columns hold their extreme magnitude several times, with both signs;
+    # the answer is the value at NumPy's first index. TensorFlow walks up
+    # to UNROLLED_ROWS rows one by one and reduces longer columns; both
+    # eager and as a step compiles it (XLA on TensorFlow, jit on JAX).
     rng = np.random.default_rng(0)
-    x = rng.integers(-2, 3, size=(9, 2, 500)).astype("float32")
+    x = rng.integers(-2, 3, size=(rows, 2, 500)).astype("float32")
     x[:, 0, 0] = 1.0  # all tied
-    x[:, 0, 1] = [1, -1, 1, -1, 1, -1, 1, -1, 1]  # tied magnitudes, the first is +1
+    x[:, 0, 1] = [(-1) ** i for i in range(rows)]  # tied magnitudes, the first is +1
     magnitudes = np.abs(x)
-    got = numpy(backend_utils.first_extreme(ops.convert_to_tensor(x), largest))
+    if compiled:
+        run = backend_utils.variable_function(
+            lambda values: backend_utils.first_extreme(backend_utils.reshape(values[0], x.shape), largest),
+            [keras.Variable(x)])
+        got = numpy(run())
+    else:
+        got = numpy(backend_utils.first_extreme(ops.convert_to_tensor(x), largest))
     first = np.argmax(magnitudes, axis=0) if largest else np.argmin(magnitudes, axis=0)
     want = np.take_along_axis(x, first[None], axis=0)[0]
     assert got.shape == (2, 500) and got[0, 0] == 1 and got[0, 1] == 1
@@ -166,6 +176,13 @@ def test_first_extreme_takes_the_first_of_tied_extremes(largest):
     assert ties.mean() > 0.5
     # Where tied magnitudes differ in sign, only the first index is right.
     assert (ties & (np.sum(x == -want, axis=0) > 0)).mean() > 0.2
+
+
+@pytest.mark.parametrize("rows", [1, 9, backend_utils.UNROLLED_ROWS + 1])
+def test_sum_rows(rows):
+    x = np.random.default_rng(3).integers(0, 2, size=(rows, 7, 5)).astype("int32")
+    got = numpy(backend_utils.sum_rows(ops.convert_to_tensor(x)))
+    np.testing.assert_array_equal(got, x.sum(axis=0))
 
 
 @pytest.mark.parametrize("scratch_bytes", [64, 2**18, 2**40])

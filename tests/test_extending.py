@@ -68,6 +68,34 @@ def test_new_crossover_mode(midpoint):
         EvolutionOptions(crossover="halfway")
 
 
+def test_a_modes_nonfinite_values_are_not_written():
+    # The same kernel as above, with a formula that says every value is
+    # valid but gives NaN where l < 0 and inf where l == 0: those channels
+    # keep their old values, the others take the formula's.
+    keras_we.register_crossover(keras_we.Crossover(
+        "log_of_largest", whole_filter=lambda spatial: False,
+        element=lambda s, l: (keras.ops.log(l), keras.ops.ones_like(l, "bool"))))
+    try:
+        kernel = np.zeros((3, 3, 3, 2), "float32")
+        kernel[..., 0, 0] = 9 * np.eye(3)  # l = 9: log 9 is written
+        kernel[..., 1, 0] = -9 * np.eye(3)  # l = -9: NaN, not written
+        kernel[0, 0, 2, 0] = 5  # channel 2: l = 0 nowhere, l = 5
+        kernel[..., 0, 1] = 0.05  # s = 0.05 (all nine)
+        kernel[..., 1, 1] = 0.05
+        kernel[..., 2, 1] = 0.05
+        model = keras.Sequential([keras.Input((5, 5, 3)), keras.layers.Conv2D(2, 3, use_bias=False)])
+        model.layers[0].kernel.assign(kernel)
+        report, _ = keras_we.evolve(model, 0, conv_ratio=1.0, crossover="log_of_largest", **CONSTANT)
+        got = keras.ops.convert_to_numpy(model.layers[0].kernel)
+        want = kernel.copy()
+        want[..., 0, 1] = np.log(np.float32(9))
+        want[..., 2, 1] = np.log(np.float32(5))
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+        assert np.isfinite(got).all() and report.changed_elements == 18
+    finally:
+        crossovers.unregister_crossover("log_of_largest")
+
+
 def test_new_crossover_mode_is_a_runner_method(midpoint):
     from keras_we.experiments import runner
 
