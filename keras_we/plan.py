@@ -15,7 +15,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_we.backend_utils import concatenate, reshape
+from keras_we.backend_utils import concatenate, index_tensor, reshape
 from keras_we.layouts import GROUPS
 from keras_we.strategies import threshold_position
 
@@ -111,10 +111,13 @@ class Plan:
         order: target indices in plan order.
         shapes, dtypes, layouts: of each tensor, in plan order.
         sizes: items of each tensor; `count`, all items.
+        nbytes: the tensors' bytes, all together.
         groups: the group names present, in plan order; `group_tensors[g]`
             the tensors of each, `group_items[g]` its `(start, end)` items.
         compute_dtype: the dtype scores and crossovers compute in.
-        item_tensor, item_group, item_channels: per item (tensors).
+        item_tensor, item_group, item_channels: per item (tensors; the
+            indices int64 on PyTorch, see `index_tensor`);
+            `host_item_tensor`, `item_tensor` in NumPy.
         buckets: the `Bucket`s, each crossed over (and written) on its own.
         entrywise: per tensor, whether it is a vector whose values are its
             items (a BatchNorm gamma or beta): its norms are its magnitudes.
@@ -135,15 +138,16 @@ class Plan:
         self.sizes = [layout.items(s) for layout, s in zip(self.layouts, self.shapes)]
         self._check_layouts()
         self.count = sum(self.sizes)
+        self.nbytes = sum(math.prod(s) * np.dtype(d).itemsize for s, d in zip(self.shapes, self.dtypes))
         group_of = np.asarray([self.groups.index(t.group) for t in targets], "int32")
         self.group_tensors = [np.flatnonzero(group_of == g) for g in range(len(self.groups))]
         ends = np.cumsum([sum(self.sizes[t] for t in tensors) for tensors in self.group_tensors])
         self.group_items = list(zip([0, *ends[:-1].tolist()], ends.tolist()))
         # Scores accumulate in float32 at least, also for float16 variables.
         self.compute_dtype = "float64" if "float64" in self.dtypes else "float32"
-        self.item_tensor = ops.convert_to_tensor(
-            np.repeat(np.arange(len(targets), dtype="int32"), self.sizes))
-        self.item_group = ops.convert_to_tensor(np.repeat(group_of, self.sizes))
+        self.host_item_tensor = np.repeat(np.arange(len(targets), dtype="int32"), self.sizes)
+        self.item_tensor = index_tensor(self.host_item_tensor)
+        self.item_group = index_tensor(np.repeat(group_of, self.sizes))
         channels = [layout.channels(s) for layout, s in zip(self.layouts, self.shapes)]
         self.item_channels = ops.convert_to_tensor(np.repeat(channels, self.sizes), self.compute_dtype)
         self.buckets = self._buckets([crossover.rule(l, s) for l, s in zip(self.layouts, self.shapes)])
@@ -158,7 +162,7 @@ class Plan:
             keyed.setdefault((rules[t], rows, self.dtypes[t]), []).append(t)
         nbytes = [math.prod(s) * np.dtype(d).itemsize for s, d in zip(self.shapes, self.dtypes)]
         costs = [n + COLUMN_BYTES * len(items) for n, (rows, items, stride) in zip(nbytes, views)]
-        budget = max(BUCKET_FRACTION * sum(nbytes), MIN_BUCKET_BYTES)
+        budget = max(BUCKET_FRACTION * self.nbytes, MIN_BUCKET_BYTES)
         buckets = []
         for (rule, rows, dtype), members in keyed.items():
             for tensors in _fill(members, costs, budget):

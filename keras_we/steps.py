@@ -23,7 +23,7 @@ from keras import ops
 from keras_we import strategies
 from keras_we.backend_utils import (
     concatenate, gather_columns, magnitude_sums, reshape, scatter_columns, segment_min, segment_sum,
-    sum_rows)
+    sum_rows, take)
 
 
 class Measurement(NamedTuple):
@@ -125,7 +125,7 @@ def item_norms(plan, values):
 
 def scores(plan, norms, finite):
     """Item scores (L1 norm / input channels), +inf in skipped tensors."""
-    return ops.where(ops.take(finite > 0, plan.item_tensor), norms / plan.item_channels, float("inf"))
+    return ops.where(take(finite > 0, plan.item_tensor), norms / plan.item_channels, float("inf"))
 
 
 def select(plan, item_scores, positions, local_ratio):
@@ -137,7 +137,7 @@ def select(plan, item_scores, positions, local_ratio):
     ]
     threshold = thresholds[0]
     if len(thresholds) > 1:
-        threshold = ops.take(ops.stack(thresholds), plan.item_group)
+        threshold = take(ops.stack(thresholds), plan.item_group)
     return strategies.local_counts(
         item_scores, threshold, local_ratio, plan.item_tensor, len(plan.sizes))
 
@@ -235,9 +235,11 @@ def _apply_rule(plan, bucket, inferior, dominant, pair_norms, paired):
 def match(plan, item_scores, counts):
     """Forward matching in every tensor, `counts[t]` inferior items in
     tensor `t`, on the host: a `Matching` of NumPy arrays."""
-    item_tensor = np.repeat(np.arange(len(plan.sizes)), plan.sizes)
-    partner, paired = strategies.forward_pairs(item_scores, counts, item_tensor, plan.sizes)
-    return Matching(paired, (partner - np.arange(plan.count)).astype("int32"))
+    partner, paired = strategies.forward_pairs(item_scores, counts, plan.host_item_tensor, plan.sizes)
+    shift = np.zeros(plan.count, "int32")
+    inferior = np.flatnonzero(paired)
+    shift[inferior] = partner[inferior] - inferior
+    return Matching(paired, shift)
 
 
 def inferior_counts(plan, measurement, ratios, counters, starvation_limit, reselect):

@@ -19,7 +19,7 @@ import math
 import numpy as np
 from keras import ops
 
-from keras_we.backend_utils import first_extreme, segment_max, segment_sum
+from keras_we.backend_utils import first_extreme, segment_max, segment_sum, take
 
 # ---------------------------------------------------------------- scores
 
@@ -77,7 +77,7 @@ def local_counts(scores, threshold, local_ratio, layer_ids=None, layers=1):
     if layer_ids is None:
         layer_ids = ops.zeros(scores.shape, "int32")
     best = segment_max(scores, layer_ids, layers)
-    weak = scores <= local_ratio * ops.take(best, layer_ids)
+    weak = scores <= local_ratio * take(best, layer_ids)
     important = scores >= threshold
     return (
         segment_sum(ops.cast(important, "int32"), layer_ids, layers),
@@ -145,19 +145,23 @@ def forward_pairs(scores, counts, layer_ids=None, sizes=None):
     scores = np.asarray(ops.convert_to_numpy(scores))
     counts = np.asarray(ops.convert_to_numpy(counts), "int64").reshape(-1)
     if layer_ids is None:
-        layer_ids, sizes = np.zeros(scores.shape, "int64"), (scores.shape[0],)
-    layer_ids = np.asarray(ops.convert_to_numpy(layer_ids), "int64")
+        layer_ids, sizes = np.zeros(scores.shape, "int32"), (scores.shape[0],)
     sizes = np.asarray(sizes, "int64")
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     # Best first within each layer, ties in index order: `lexsort` is
-    # stable and sorts by its last key first.
-    order = np.lexsort((-scores, layer_ids))
-    rank = np.empty_like(order)
-    rank[order] = np.arange(len(order))
-    start, size, count = starts[layer_ids], sizes[layer_ids], counts[layer_ids]
-    offset = rank - start - (size - count)
-    paired = (offset >= 0) & (offset < np.minimum(count, size - count))
-    partner = order[start + np.clip(offset, 0, size - 1)]
+    # stable and sorts by its last key first. Sorted positions keep the
+    # layers where the items are: a layer's are `start .. start + n - 1`.
+    order = np.lexsort((-scores, np.asarray(ops.convert_to_numpy(layer_ids))))
+    # The pairs alone, layer by layer (never one array per item beside
+    # `order`: a MobileNetV2 has 50,000 items): positions `start + i` and
+    # `start + n - k + i` for `i < min(k, n - k)`.
+    pairs = np.minimum(counts, sizes - counts)
+    run = np.arange(pairs.sum()) - np.repeat(np.cumsum(pairs) - pairs, pairs)
+    starts = np.repeat(np.cumsum(sizes) - sizes, pairs)
+    inferior = order[starts + np.repeat(sizes - counts, pairs) + run]
+    partner = np.zeros(scores.shape, "int64")
+    partner[inferior] = order[starts + run]
+    paired = np.zeros(scores.shape, bool)
+    paired[inferior] = True
     return partner, paired
 
 

@@ -216,3 +216,12 @@ def test_many_variable_functions_compute_and_do_not_warn_of_retracing(caplog):
     for i, v in enumerate(variables):
         np.testing.assert_array_equal(numpy(v), np.full((3,), 4.0 * i))
     assert not [r for r in caplog.records if "retracing" in r.getMessage()]
+
+
+def test_take_and_index_tensor():
+    x = ops.convert_to_tensor(np.arange(12, dtype="float32").reshape(4, 3))
+    indices = backend_utils.index_tensor(np.array([3, 0, 0, 2]))
+    want = "int64" if keras.backend.backend() == "torch" else "int32"
+    assert keras.backend.standardize_dtype(indices.dtype) == want
+    np.testing.assert_array_equal(numpy(backend_utils.take(x, indices)), numpy(x)[[3, 0, 0, 2]])
+    np.testing.assert_array_equal(numpy(backend_utils.take(x[:, 0] > 4, indices)), [True, False, False, True])
