@@ -58,3 +58,27 @@ def test_throughput_variants_name_runner_options():
         throughput.parse_variant("augment=device,batch=64")
     with pytest.raises(ValueError, match="'jit_compile'"):
         throughput.parse_variant("jit_compile")
+
+
+def test_conv_gradients_times_the_gradients_it_names():
+    # What each timed call computes, on this backend: the kernel gradient
+    # of sum(conv(x, k)) is, per kernel position, the sum of the inputs it
+    # meets (zero padding included), the same for every filter.
+    import keras
+    import numpy as np
+
+    conv_gradients = _load("conv_gradients")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 5, 5, 3)).astype("float32")
+    kernel = rng.normal(size=(3, 3, 3, 4)).astype("float32")
+    forward, input_grad, kernel_grad = conv_gradients.functions(
+        keras.backend.backend(), keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(kernel), 1)
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    want = np.stack([[padded[:, i:i + 5, j:j + 5].sum(axis=(0, 1, 2)) for j in range(3)] for i in range(3)])
+    got = keras.ops.convert_to_numpy(kernel_grad())
+    np.testing.assert_allclose(got, np.repeat(want[..., None], 4, axis=-1), rtol=1e-5, atol=1e-5)
+    assert keras.ops.convert_to_numpy(forward()).shape == (2, 5, 5, 4)
+    # The input gradient: each input meets every kernel element that
+    # reaches it, once per filter.
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(input_grad())[:, 2, 2], np.broadcast_to(
+        kernel.sum(axis=(0, 1, 3)), (2, 3)), rtol=1e-5)
