@@ -84,17 +84,6 @@ def first_extreme(values, largest):
 UNROLLED_ROWS = 49
 
 
-def sum_rows(x):
-    """`sum(x, axis=0)`; on TensorFlow row by row for up to `UNROLLED_ROWS`
-    rows."""
-    if keras.backend.backend() == "tensorflow" and x.shape[0] <= UNROLLED_ROWS:
-        total = x[0]
-        for row in range(1, x.shape[0]):
-            total = total + x[row]
-        return total
-    return ops.sum(x, axis=0)
-
-
 def _first_extreme_unrolled(values, magnitudes, largest):
     """`first_extreme` as a walk over the rows: a later row replaces the
     best so far only if strictly better, so that the first one wins a tie

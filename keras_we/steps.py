@@ -22,8 +22,7 @@ from keras import ops
 
 from keras_we import strategies
 from keras_we.backend_utils import (
-    concatenate, gather_columns, magnitude_sums, reshape, scatter_columns, segment_min, segment_sum,
-    sum_rows, take)
+    concatenate, gather_columns, magnitude_sums, reshape, scatter_columns, segment_min, segment_sum, take)
 
 
 class Measurement(NamedTuple):
@@ -226,7 +225,7 @@ def _apply_rule(plan, bucket, inferior, dominant, pair_norms, paired):
         keep = ops.isfinite(new) if keep is None else ops.logical_and(ops.isfinite(new), keep)
     if keep is not None:
         new = ops.where(keep, new, inferior)
-    return new, sum_rows(ops.cast(new != inferior, "int32"))
+    return new, ops.sum(ops.cast(new != inferior, "int32"), axis=0)
 
 
 # ---------------------------------------------------------------- host

@@ -178,13 +178,6 @@ def test_first_extreme_takes_the_first_of_tied_extremes(largest, rows, compiled)
     assert (ties & (np.sum(x == -want, axis=0) > 0)).mean() > 0.2
 
 
-@pytest.mark.parametrize("rows", [1, 9, backend_utils.UNROLLED_ROWS + 1])
-def test_sum_rows(rows):
-    x = np.random.default_rng(3).integers(0, 2, size=(rows, 7, 5)).astype("int32")
-    got = numpy(backend_utils.sum_rows(ops.convert_to_tensor(x)))
-    np.testing.assert_array_equal(got, x.sum(axis=0))
-
-
 @pytest.mark.parametrize("scratch_bytes", [64, 2**18, 2**40])
 def test_magnitude_sums_whatever_the_scratch_buffer(monkeypatch, scratch_bytes):
     # PyTorch sums through a bounded scratch buffer, a block of columns at a
