@@ -18,10 +18,7 @@ process.
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 
 # (height/width, input channels, filters, stride, layers of ResNet-20 of this shape)
@@ -109,16 +106,10 @@ def main():
     if args.worker:
         return worker(args)
 
-    rows = []
-    for backend in args.backends.split(","):
-        command = [sys.executable, __file__, "--worker", "--batch-size", str(args.batch_size),
-                   "--repeats", str(args.repeats)]
-        env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-        output = subprocess.run(command, env=env, capture_output=True, text=True)
-        if output.returncode:
-            print(output.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"backend {backend} failed")
-        rows += [json.loads(line) for line in output.stdout.splitlines() if line.startswith("{")]
+    from evolution_speed import rows_per_backend
+
+    rows = rows_per_backend(__file__, args.backends.split(","), [
+        "--batch-size", str(args.batch_size), "--repeats", str(args.repeats)])
 
     print(f"| backend | convolution (batch {args.batch_size}) | layers | forward | forward + input gradient "
           "| forward + kernel gradient | the three, x layers |")

@@ -160,6 +160,21 @@ def worker(args):
 BIG_INPUT = ("ResNet50", "EfficientNetB0")
 
 
+def rows_per_backend(script, backends, arguments):
+    """Runs `script --worker *arguments` once per backend, each in its own
+    process; returns the JSON rows they print, in order."""
+    rows = []
+    for backend in backends:
+        command = [sys.executable, script, "--worker", *arguments]
+        env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+        output = subprocess.run(command, env=env, capture_output=True, text=True)
+        if output.returncode:
+            print(output.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"backend {backend} failed")
+        rows += [json.loads(line) for line in output.stdout.splitlines() if line.startswith("{")]
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", default="tensorflow,jax,torch")
@@ -172,16 +187,8 @@ def main():
     if args.worker:
         return worker(args)
 
-    rows = []
-    for backend in args.backends.split(","):
-        command = [sys.executable, __file__, "--worker", "--models", ",".join(args.models),
-                   "--batch-size", str(args.batch_size), "--repeats", str(args.repeats)]
-        env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-        output = subprocess.run(command, env=env, capture_output=True, text=True)
-        if output.returncode:
-            print(output.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"backend {backend} failed")
-        rows += [json.loads(line) for line in output.stdout.splitlines() if line.startswith("{")]
+    rows = rows_per_backend(__file__, args.backends.split(","), [
+        "--models", ",".join(args.models), "--batch-size", str(args.batch_size), "--repeats", str(args.repeats)])
 
     print(
         f"| backend | model | input | train step (batch {args.batch_size}) | evolution step "
