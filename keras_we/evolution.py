@@ -187,6 +187,7 @@ class Evolver:
             )
             return
         self.plan = Plan(self.targets, options.crossover)
+        self._step_start = 0  # resident bytes as the current step began
         variables = [self.targets[i].variable for i in self.plan.order]
         local_ratio = options.local_ratio
         # Plain tuples cross the compiled boundary: `tf.function` handles a

@@ -154,7 +154,7 @@ def forward_pairs(scores, counts, layer_ids=None, sizes=None):
     # The pairs alone, layer by layer (never one array per item beside
     # `order`: a MobileNetV2 has 50,000 items): positions `start + i` and
     # `start + n - k + i` for `i < min(k, n - k)`.
-    pairs = np.minimum(counts, sizes - counts)
+    pairs = np.maximum(np.minimum(counts, sizes - counts), 0)
     run = np.arange(pairs.sum()) - np.repeat(np.cumsum(pairs) - pairs, pairs)
     starts = np.repeat(np.cumsum(sizes) - sizes, pairs)
     inferior = order[starts + np.repeat(sizes - counts, pairs) + run]

@@ -345,6 +345,7 @@ def test_inferior_count(size, important, weak, counter, limit, count, new_counte
         ([0.3, 0.9, 0.1, 0.5, 0.7, 0.2], 3, {0: 1, 5: 4, 2: 3}),
         ([0.3, 0.9, 0.1, 0.5, 0.7, 0.2], 0, {}),
         ([0.3, 0.9, 0.1, 0.5, 0.7, 0.2], 6, {}),  # no dominant left
+        ([0.3, 0.9, 0.1, 0.5, 0.7, 0.2], 7, {}),  # more than the layer: none either
         # ties in index order: [0, 3, 1, 2, 4, 5]; inferior [2, 4, 5]
         ([0.5, 0.0, 0.0, 0.5, 0.0, 0.0], 3, {2: 0, 4: 3, 5: 1}),
         ([0.0, 0.0, 0.0, 0.0], 2, {2: 0, 3: 1}),  # dead filters
