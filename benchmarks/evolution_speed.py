@@ -24,7 +24,6 @@ next to the size of the largest kernel.
 """
 
 import argparse
-import ctypes
 import json
 import os
 import statistics
@@ -53,29 +52,17 @@ def trained_looking(model, seed=0):
         target.variable.assign((value * scale).astype(value.dtype))
 
 
-def trim_heap():
-    """glibc's `malloc_trim(0)`: free heap pages go back to the system."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def peak_extra_memory(function):
     """Peak resident memory above the level before `function` ran, in bytes
     (the heap trimmed first)."""
-    page = os.sysconf("SC_PAGE_SIZE")
-    trim_heap()
+    from keras_we.backend_utils import release_free_memory, resident_bytes
 
-    def resident():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * page
-
-    baseline, peak, done = resident(), [0], threading.Event()
+    release_free_memory()
+    baseline, peak, done = resident_bytes(), [0], threading.Event()
 
     def sample():
         while not done.is_set():
-            peak[0] = max(peak[0], resident())
+            peak[0] = max(peak[0], resident_bytes())
             time.sleep(0.001)
 
     sampler = threading.Thread(target=sample)
@@ -83,7 +70,7 @@ def peak_extra_memory(function):
     function()
     done.set()
     sampler.join()
-    return max(peak[0], resident()) - baseline
+    return max(peak[0], resident_bytes()) - baseline
 
 
 def timed(function, repeats):
