@@ -1,5 +1,7 @@
 """The backend shims of `keras_we.backend_utils`, on the current backend."""
 
+import os
+
 import keras
 import numpy as np
 import pytest
@@ -218,3 +220,12 @@ def test_take_and_index_tensor():
     assert keras.backend.standardize_dtype(indices.dtype) == want
     np.testing.assert_array_equal(numpy(backend_utils.take(x, indices)), numpy(x)[[3, 0, 0, 2]])
     np.testing.assert_array_equal(numpy(backend_utils.take(x[:, 0] > 4, indices)), [True, False, False, True])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="resident size is read on Linux only")
+def test_resident_bytes_follows_the_process():
+    before = backend_utils.resident_bytes()
+    block = np.ones(64 * 2**20 // 8)  # 64 MB, every page touched
+    grown = backend_utils.resident_bytes() - before
+    del block
+    assert before > 0 and 60 * 2**20 <= grown <= 80 * 2**20
