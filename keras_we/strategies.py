@@ -174,13 +174,14 @@ def blend(x, y, weight_x, weight_y):
     Returns the blend and where it is valid: a zero denominator or a
     non-finite result (the public code writes NaN or inf there) is invalid
     and callers keep the old value.
+
+    A zero denominator needs no test of its own: `a` is then NaN (0 / 0)
+    or infinite, and so is the blend (`inf * x + (1 - inf) * y` is never
+    finite, whatever `x` and `y`), so that `isfinite` rules it out.
     """
-    total = weight_x + weight_y
-    safe_total = ops.where(total == 0, ops.ones_like(total), total)
-    a = weight_x / safe_total
+    a = weight_x / (weight_x + weight_y)
     mixed = a * x + (1 - a) * y
-    valid = ops.logical_and(total != 0, ops.isfinite(mixed))
-    return mixed, valid
+    return mixed, ops.isfinite(mixed)
 
 
 def entry_crossover(inferior, dominant):

@@ -138,3 +138,19 @@ def test_matching_holds_little_beside_the_scores():
     tracemalloc.stop()
     assert int(paired.sum()) == int(counts.sum())
     assert peak <= 40 * len(scores), peak / len(scores)
+
+
+def test_eager_steps_write_the_variables_in_place():
+    """On PyTorch the step writes into the variables' own storage (no new
+    tensor per variable), and the values it changes do change."""
+    if keras.backend.backend() != "torch":
+        pytest.skip("compiled steps store new values; only PyTorch's eager step writes in place")
+    model = _model(4)
+    targets = find_targets(model)
+    pointers = [t.variable.value.data_ptr() for t in targets]
+    before = [keras.ops.convert_to_numpy(t.variable) for t in targets]
+    evolver, reports, _ = _steps(model, "reference", epochs=2)
+    assert sum(r.changed_elements for r in reports) > 0
+    changed = [not np.array_equal(b, keras.ops.convert_to_numpy(t.variable)) for b, t in zip(before, targets)]
+    assert sum(changed) >= 5
+    assert [t.variable.value.data_ptr() for t in targets] == pointers

@@ -1007,3 +1007,45 @@ def test_evolve_on_a_bare_conv_layer():
     assert same_variables([t.variable for t in find_targets(conv)], [conv.kernel])
     _, _, changed = check_step(conv, targets, 0, None, "paper", E2E_HP)
     assert changed == [True]
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_blend_is_invalid_exactly_where_the_denominator_is_zero_or_the_result_not_finite(compiled):
+    """Every combination of zeros, signs, infinities and NaN, eagerly and
+    compiled (XLA on TensorFlow and JAX): a zero denominator or a
+    non-finite blend is invalid, any other blend valid and equal to
+    `a * x + (1 - a) * y` computed in NumPy."""
+    values = np.array([0.0, -0.0, 1.0, -1.0, 2.5, -3e38, 3e38, np.inf, -np.inf, np.nan], "float32")
+    x, y, wx, wy = (a.ravel() for a in np.meshgrid(values, values, values, values, indexing="ij"))
+    blend = strategies.blend
+    if compiled and keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        blend = tf.function(blend, jit_compile=True)
+    elif compiled and keras.backend.backend() == "jax":
+        import jax
+
+        blend = jax.jit(blend)
+    elif compiled:
+        pytest.skip("PyTorch runs the step eagerly")
+    mixed, valid = (numpy(v) for v in blend(*(tensor(v) for v in (x, y, wx, wy))))
+    with np.errstate(all="ignore"):
+        total = wx + wy
+        a = wx / total
+        want_mixed = a * x + (1 - a) * y
+    want_valid = (total != 0) & np.isfinite(want_mixed)
+    # Never valid without a denominator, never valid and not finite.
+    assert not valid[total == 0].any()
+    assert np.isfinite(mixed[valid]).all()
+    # Valid wherever NumPy's blend is; elsewhere only where NumPy overflows
+    # in a product that a compiled fused multiply-add keeps in range.
+    assert valid[want_valid].all()
+    overflow = np.isfinite(np.stack([x, y, wx, wy])).all(0) & ~np.isfinite(want_mixed)
+    assert (want_valid | overflow)[valid].all()
+    # Values where `a` is not subnormal (XLA and TensorFlow flush those to
+    # 0), to float32 rounding of the operands (a compiled multiply-add
+    # rounds once where NumPy rounds twice).
+    normal = want_valid & ((a == 0) | (np.abs(a) >= np.finfo("float32").tiny))
+    scale = np.maximum(np.abs(x), np.abs(y))[normal]
+    assert (np.abs(mixed[normal] - want_mixed[normal]) <= 3e-7 * scale).all()
+    assert want_valid.sum() > 1000 and (~want_valid).sum() > 1000
