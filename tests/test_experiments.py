@@ -49,6 +49,7 @@ def plotted_lines(monkeypatch):
     return saved
 
 
+@pytest.mark.slow
 def test_compare_writes_summary_table_and_plots(tmp_path, monkeypatch):
     out = str(tmp_path / "cmp")
     plots = plotted_lines(monkeypatch)
@@ -217,6 +218,7 @@ def watching_opens_of(name):
         builtins.open = real_open
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     config = tiny_plan(methods=("we-paper",))[0]
     straight = runner.train_run(config, str(tmp_path / "straight"), verbose=0)

@@ -83,6 +83,7 @@ def test_old_attributes_still_work(fresh_import):
     assert "nothing_of_the_sort" in fresh_import["missing"]
 
 
+@pytest.mark.slow
 def test_saved_zoo_models_load_after_a_plain_import_keras_we(tmp_path):
     """Models compiled with the recipe's optimizer, saved in one process,
     load in another that imported only `keras` and `keras_we`, and predict

@@ -65,6 +65,7 @@ def eager(kind):
     return Eager
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("real_cifar10")
 def test_compare_runs_the_peers_paired_with_the_baseline(tmp_path, monkeypatch):
     out = str(tmp_path / "cmp")
