@@ -138,6 +138,7 @@ def test_pairs_across_versions_or_machines_are_flagged(tmp_path, capsys):
     assert json.load(open(tmp_path / "summary.json"))["mismatched_pairs"] == summary["mismatched_pairs"]
 
 
+@pytest.mark.slow
 def test_a_run_that_raises_is_recorded_and_the_others_are_summarized(tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "cmp")
     configs = tiny_plan(methods=("we-paper", "baseline"))
@@ -190,6 +191,7 @@ def test_a_failing_plot_leaves_the_tables_written(tmp_path, monkeypatch):
         assert f.readline().startswith("baseline,2,30.5")
 
 
+@pytest.mark.slow
 def test_finished_runs_are_never_overwritten(tmp_path):
     out = str(tmp_path / "cmp")
     configs = tiny_plan(methods=("baseline",))

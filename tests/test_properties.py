@@ -3,7 +3,8 @@
 Kernels of random shapes with magnitudes from 1e-8 to 1e4, exact zeros and
 single-filter layers go through an `Evolver` on bare variables (the steps
 the callback compiles, run eagerly) and through `keras_we.evolve` on real
-layers.
+layers. On JAX, which compiles every op for each new shape, they take
+minutes and run with the `slow` tests.
 """
 
 import math
@@ -17,6 +18,9 @@ import keras_we
 from keras_we import layouts, strategies
 from keras_we.evolution import EvolutionOptions, Evolver
 from keras_we.layers import Target
+from tests.utils import SLOW_ON_JAX
+
+pytestmark = SLOW_ON_JAX
 
 SETTINGS = settings(
     max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]

@@ -2,6 +2,13 @@
 
 import keras
 import numpy as np
+import pytest
+
+# JAX compiles each op anew for every new shape, also when a step runs op by
+# op: tests that draw many random shapes take minutes there and seconds on
+# the other backends. On JAX they run with the `slow` tests (`-m slow`):
+# a module's `pytestmark = SLOW_ON_JAX`.
+SLOW_ON_JAX = [pytest.mark.slow] if keras.backend.backend() == "jax" else []
 
 
 def tiny_cnn(seed=0):
